@@ -1,0 +1,22 @@
+"""comfyui-layerdiffuse: LayerDiffuse (transparent image layer diffusion) for ComfyUI.
+
+ComfyUI loads this file as a custom node package and calls `comfy_entrypoint`. There is
+deliberately no NODE_CLASS_MAPPINGS: ComfyUI ignores `comfy_entrypoint` when one exists.
+"""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes import model_store
+from .nodes.transparent_vae import TRANSPARENT_VAE_NODES
+
+
+class LayerDiffuseExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*TRANSPARENT_VAE_NODES]
+
+
+async def comfy_entrypoint() -> LayerDiffuseExtension:
+    model_store.register_folder()
+    return LayerDiffuseExtension()

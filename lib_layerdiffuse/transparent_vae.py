@@ -1,0 +1,145 @@
+"""Transparent decode and encode around an ordinary VAE.
+
+Decode: the transparent decoder runs on the VAE-decoded RGB and the latent, under 8 flips and
+rotations whose clipped outputs are median-merged per pixel (the reference's test-time
+augmentation). Encode: the offset encoder's output scales the VAE posterior's std and is added to
+its mean, so the latent carries the image's alpha.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .offset_encoder import SIZE_MULTIPLE as ENCODER_SIZE_MULTIPLE
+from .offset_encoder import LatentTransparencyOffsetEncoder
+from .rgba import offset_encoder_feed
+from .unet1024 import SIZE_MULTIPLE, UNet1024
+
+# (flip width, quarter turns) in the reference's order; the median does not depend on it.
+AUGMENTATIONS = tuple((flip, turns) for flip in (False, True) for turns in range(4))
+LATENT_SCALE = 8
+
+
+def _transform(x: torch.Tensor, flip: bool, turns: int) -> torch.Tensor:
+    if flip:
+        x = torch.flip(x, dims=(3,))
+    return torch.rot90(x, k=turns, dims=(2, 3))
+
+
+def _untransform(x: torch.Tensor, flip: bool, turns: int) -> torch.Tensor:
+    x = torch.rot90(x, k=-turns, dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if flip else x
+
+
+@torch.no_grad()
+def decode_augmented_passes(
+    model: UNet1024, pixel: torch.Tensor, latent: torch.Tensor, on_pass: Optional[Callable[[], None]] = None
+) -> torch.Tensor:
+    """The 8 clipped passes, each mapped back to the input orientation: [8,B,4,H,W]."""
+    passes = []
+    for flip, turns in AUGMENTATIONS:
+        out = model(_transform(pixel, flip, turns), _transform(latent, flip, turns)).clamp(0, 1)
+        passes.append(_untransform(out, flip, turns))
+        if on_pass is not None:
+            on_pass()
+    return torch.stack(passes)
+
+
+def decode_augmented(
+    model: UNet1024, pixel: torch.Tensor, latent: torch.Tensor, on_pass: Optional[Callable[[], None]] = None
+) -> torch.Tensor:
+    """Per-pixel median of the 8 passes ([B,4,H,W] in [0,1]). torch.median takes the lower of
+    the two middle values, as the reference does."""
+    return decode_augmented_passes(model, pixel, latent, on_pass).median(dim=0).values
+
+
+def check_decode_inputs(pixel: torch.Tensor, latent: torch.Tensor, latent_channels: int) -> None:
+    """Raise ValueError with what to connect when the image and latent do not belong together."""
+    if pixel.dim() != 4 or pixel.shape[1] != 3:
+        raise ValueError(f"expected an RGB image batch [B,3,H,W], got shape {list(pixel.shape)}")
+    if latent.dim() != 4:
+        raise ValueError(f"expected a latent batch [B,C,h,w], got shape {list(latent.shape)}")
+    if latent.shape[1] != latent_channels:
+        raise ValueError(
+            f"the latent has {latent.shape[1]} channels but this transparent decoder takes {latent_channels}: "
+            "connect the latent of the same model family that the decoder is for"
+        )
+    if pixel.shape[0] != latent.shape[0]:
+        raise ValueError(
+            f"batch mismatch: {pixel.shape[0]} images but {latent.shape[0]} latents; connect the images that "
+            "VAE Decode made from these same latents"
+        )
+    h, w = pixel.shape[-2:]
+    lh, lw = latent.shape[-2:]
+    if (lh * LATENT_SCALE, lw * LATENT_SCALE) != (h, w):
+        raise ValueError(
+            f"size mismatch: the images are {w}x{h} but the latent is {lw}x{lh} (x8 = {lw * 8}x{lh * 8}); "
+            "connect the images that VAE Decode made from these same latents"
+        )
+
+
+def _pad_to_multiple(pixel: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replicate-pad bottom/right so both sides are multiples of the decoder's SIZE_MULTIPLE."""
+    h, w = pixel.shape[-2:]
+    pad_h, pad_w = -h % SIZE_MULTIPLE, -w % SIZE_MULTIPLE
+    if pad_h == 0 and pad_w == 0:
+        return pixel, latent
+    pixel = F.pad(pixel, (0, pad_w, 0, pad_h), mode="replicate")
+    latent = F.pad(latent, (0, pad_w // LATENT_SCALE, 0, pad_h // LATENT_SCALE), mode="replicate")
+    return pixel, latent
+
+
+def decode_transparent(
+    model: UNet1024,
+    pixel: torch.Tensor,
+    latent: torch.Tensor,
+    sub_batch_size: int,
+    on_pass: Optional[Callable[[], None]] = None,
+) -> torch.Tensor:
+    """Augmented transparent decode of any size that is a multiple of 8.
+
+    pixel [B,3,H,W] in [0,1] and latent [B,C,H/8,W/8], on any device: each sub-batch moves to
+    the model's device and dtype. Returns [B,4,H,W] float32 on pixel's device, channels in the
+    weight file's order. `on_pass` is called after every network pass (8 per sub-batch).
+    """
+    check_decode_inputs(pixel, latent, model.latent_conv_in.in_channels)
+    weight = model.conv_in.weight
+    h, w = pixel.shape[-2:]
+    step = max(1, sub_batch_size)
+    outputs = []
+    for start in range(0, pixel.shape[0], step):
+        p, z = (t[start : start + step].to(device=weight.device, dtype=weight.dtype) for t in (pixel, latent))
+        p, z = _pad_to_multiple(p, z)
+        outputs.append(decode_augmented(model, p, z, on_pass)[..., :h, :w].to(pixel.device, torch.float32))
+    return torch.cat(outputs)
+
+
+def sub_batches(batch: int, sub_batch_size: int) -> int:
+    """How many sub-batches `decode_transparent` splits a batch into."""
+    return -(-batch // max(1, sub_batch_size))
+
+
+def latent_with_offset(mean: torch.Tensor, std: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The transparent latent: the posterior mean moved by `offset` standard deviations."""
+    return mean + std * offset.to(mean)
+
+
+def posterior_mean_std(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a VAE encoder's [B,2C,h,w] moments into the posterior mean and std, as
+    DiagonalGaussianDistribution does (log-variance clamped to [-30, 20])."""
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+
+@torch.no_grad()
+def transparency_offset(encoder: LatentTransparencyOffsetEncoder, rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The latent offset for an RGBA image: rgb [B,3,H,W], alpha [B,1,H,W] in [0,1], H and W
+    multiples of 8 -> [B,C,H/8,W/8] float32 on rgb's device (computed on the encoder's)."""
+    h, w = rgb.shape[-2:]
+    if h % ENCODER_SIZE_MULTIPLE or w % ENCODER_SIZE_MULTIPLE:
+        raise ValueError(f"the image is {w}x{h}; transparent encoding needs sides that are multiples of 8")
+    weight = encoder.blocks[0].weight
+    feed = offset_encoder_feed(rgb, alpha).to(device=weight.device, dtype=weight.dtype)
+    return encoder(feed).to(rgb.device, torch.float32)

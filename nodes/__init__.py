@@ -1,0 +1,1 @@
+"""ComfyUI nodes of the pack: thin translations between ComfyUI types and lib_layerdiffuse."""

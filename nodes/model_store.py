@@ -1,0 +1,80 @@
+"""ComfyUI glue for weight files: the `layer_model` models folder, downloads, loaded networks.
+
+Networks are wrapped in a ComfyUI `ModelPatcher` and moved to the GPU with `load_models_gpu`, so
+ComfyUI offloads them like its own models. A small LRU keeps the last few on the offload device
+so that a second prompt does not read the file again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import nn
+
+import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+
+from ..lib_layerdiffuse.download import download
+from ..lib_layerdiffuse.weight_files import WeightFile, build_model, read_safetensors
+
+FOLDER = "layer_model"
+EXTENSIONS = {".safetensors"}
+CACHED_NETWORKS = 4
+
+_networks: "OrderedDict[tuple, comfy.model_patcher.ModelPatcher]" = OrderedDict()
+
+
+def register_folder() -> None:
+    """Add models/layer_model, keeping any paths extra_model_paths.yaml already gave it."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    paths = list(folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))[0])
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
+
+
+def weight_path(weight_file: WeightFile) -> str:
+    """The file's path in a layer_model folder, downloaded from its official URL if missing."""
+    register_folder()
+    path = folder_paths.get_full_path(FOLDER, weight_file.name)
+    if path is not None:
+        return path
+    folder = folder_paths.get_folder_paths(FOLDER)[0]
+    logging.info("LayerDiffuse: downloading %s to %s", weight_file.url, folder)
+    bar = comfy.utils.ProgressBar(1)
+    return download(weight_file.url, folder, weight_file.name,
+                    on_progress=lambda done, total: bar.update_absolute(done, max(total, done)))
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if model_management.should_use_fp16(device) else torch.float32
+
+
+def network(weight_file: WeightFile, factory: Callable[[], nn.Module]) -> comfy.model_patcher.ModelPatcher:
+    """The network in `weight_file`, loaded strictly, as a ModelPatcher (not yet on the GPU)."""
+    path = weight_path(weight_file)
+    stat = os.stat(path)
+    device = model_management.get_torch_device()
+    offload = model_management.unet_offload_device()
+    dtype = compute_dtype(device)
+    key = (path, stat.st_mtime_ns, stat.st_size, str(device), dtype)
+    if key in _networks:
+        _networks.move_to_end(key)
+        return _networks[key]
+    module = build_model(factory, read_safetensors(path), weight_file.name, device=offload, dtype=dtype)
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=offload)
+    _networks[key] = patcher
+    while len(_networks) > CACHED_NETWORKS:
+        _networks.popitem(last=False)
+    return patcher
+
+
+def load_to_device(patcher: comfy.model_patcher.ModelPatcher, working_memory: int) -> nn.Module:
+    """Make room for the network plus `working_memory` bytes and load it fully; returns the module."""
+    model_management.load_models_gpu([patcher], memory_required=working_memory, force_full_load=True)
+    return patcher.model

@@ -1,0 +1,261 @@
+"""Transparent VAE nodes: decode a latent to RGBA, encode RGBA to a latent, preview RGBA.
+
+Node ids, input names/order, combo strings and outputs of the decode nodes are those of
+huchenlei/ComfyUI-layerdiffuse, so workflows saved with that pack open and run unchanged.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as model_management
+import comfy.utils
+from comfy_api.latest import io
+
+from ..lib_layerdiffuse import rgba
+from ..lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder
+from ..lib_layerdiffuse.transparent_vae import (
+    check_decode_inputs,
+    decode_transparent,
+    latent_with_offset,
+    posterior_mean_std,
+    sub_batches,
+    transparency_offset,
+)
+from ..lib_layerdiffuse.unet1024 import UNet1024
+from ..lib_layerdiffuse.weight_files import SD15, SDXL, TRANSPARENT_DECODERS, TRANSPARENT_ENCODERS
+from . import model_store
+
+CATEGORY = "layer_diffuse"
+SD_LATENT_CHANNELS = 4
+MAX_FRAMES = 3
+# Rough working memory of one decoder pass per pixel at float32 (skip tensors, concats, the 8
+# stacked outputs); ComfyUI frees this much before the decode starts.
+DECODE_BYTES_PER_PIXEL = 2400
+
+
+def _sd_version_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "sd_version", options=[SD15, SDXL], default=SDXL,
+        tooltip="Which transparent VAE weights to use: SD15 for SD1.5 models, SDXL for SDXL models.",
+    )
+
+
+def _sub_batch_input() -> io.Int.Input:
+    return io.Int.Input(
+        "sub_batch_size", default=16, min=1, max=4096, step=1,
+        tooltip="How many images go through the decoder at once. Lower it if you run out of memory.",
+    )
+
+
+def _samples_input() -> io.Latent.Input:
+    return io.Latent.Input("samples", tooltip="The latents that were decoded into `images` (e.g. KSampler's output).")
+
+
+def _images_input() -> io.Image.Input:
+    return io.Image.Input("images", tooltip="VAE Decode's output for the same latents.")
+
+
+def decode_rgba(samples: dict, images: torch.Tensor, sd_version: str, sub_batch_size: int) -> torch.Tensor:
+    """[B,H,W,4] RGBA (alpha last, 1 = opaque) for ComfyUI latents and their decoded images."""
+    latent = samples["samples"]
+    pixel = images[..., :3].movedim(-1, 1)
+    check_decode_inputs(pixel, latent, SD_LATENT_CHANNELS)
+    patcher = model_store.network(TRANSPARENT_DECODERS[sd_version], UNet1024)
+    step = min(sub_batch_size, pixel.shape[0])
+    dtype_bytes = torch.finfo(model_store.compute_dtype(patcher.load_device)).bits // 8
+    working = step * pixel.shape[-2] * pixel.shape[-1] * DECODE_BYTES_PER_PIXEL * dtype_bytes // 4
+    model = model_store.load_to_device(patcher, working)
+
+    bar = comfy.utils.ProgressBar(8 * sub_batches(pixel.shape[0], sub_batch_size))
+
+    def on_pass() -> None:
+        model_management.throw_exception_if_processing_interrupted()
+        bar.update(1)
+
+    alpha_rgb = decode_transparent(model, pixel, latent, sub_batch_size, on_pass)
+    return torch.cat([alpha_rgb[:, 1:], alpha_rgb[:, :1]], dim=1).movedim(1, -1)
+
+
+class LayeredDiffusionDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LayeredDiffusionDecode",
+            display_name="Layer Diffuse Decode",
+            category=CATEGORY,
+            description="Recover the transparent image from a LayerDiffuse latent and its VAE-decoded image.",
+            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input()],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="The foreground colours (RGB)."),
+                io.Mask.Output(display_name="MASK", tooltip="The predicted alpha: 1 = opaque, 0 = transparent "
+                               "(the opposite of LoadImage's mask; invert it to use it as one)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, samples, images, sd_version, sub_batch_size) -> io.NodeOutput:
+        image = decode_rgba(samples, images, sd_version, sub_batch_size)
+        return io.NodeOutput(image[..., :3], image[..., 3])
+
+
+class LayeredDiffusionDecodeRGBA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LayeredDiffusionDecodeRGBA",
+            display_name="Layer Diffuse Decode (RGBA)",
+            category=CATEGORY,
+            description="Recover the transparent image as one RGBA image; Save Image writes it as a PNG with alpha.",
+            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input()],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="RGBA image (4 channels, alpha last).")],
+        )
+
+    @classmethod
+    def execute(cls, samples, images, sd_version, sub_batch_size) -> io.NodeOutput:
+        return io.NodeOutput(decode_rgba(samples, images, sd_version, sub_batch_size))
+
+
+class LayeredDiffusionDecodeSplit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LayeredDiffusionDecodeSplit",
+            display_name="Layer Diffuse Decode (Split)",
+            category=CATEGORY,
+            description="Split a joint batch (fg, bg[, blended] per image) into its layers; the first layer is "
+                        "decoded to RGBA, the others pass through.",
+            inputs=[
+                _samples_input(),
+                _images_input(),
+                io.Int.Input("frames", default=2, min=2, max=MAX_FRAMES, step=1,
+                             tooltip="Images per group in the batch: 2 for fg/bg + blended modes, 3 for the joint mode."),
+                _sd_version_input(),
+                _sub_batch_input(),
+            ],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="Layer 1 of every group, decoded to RGBA."),
+                io.Image.Output(display_name="IMAGE", tooltip="Layer 2 of every group."),
+                io.Image.Output(display_name="IMAGE", tooltip="Layer 3 of every group (frames = 3 only)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, samples, images, frames, sd_version, sub_batch_size) -> io.NodeOutput:
+        if images.shape[0] % frames:
+            raise ValueError(
+                f"Layer Diffuse Decode (Split): the batch has {images.shape[0]} images, not a multiple of frames={frames}; "
+                "set frames to the number of layers the model generated per image"
+            )
+        first = decode_rgba({**samples, "samples": samples["samples"][::frames]}, images[::frames], sd_version, sub_batch_size)
+        layers = [first] + [images[i::frames] for i in range(1, frames)]
+        return io.NodeOutput(*layers, *([None] * (MAX_FRAMES - frames)))
+
+
+def _alpha_for(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B,1,H,W] alpha: 1 - mask (LoadImage's convention), else the image's 4th channel, else opaque."""
+    b, h, w = image.shape[:3]
+    if mask is None:
+        alpha = image[..., 3] if image.shape[-1] == 4 else torch.ones(b, h, w)
+        return alpha.unsqueeze(1).float()
+    mask = mask.reshape((-1,) + tuple(mask.shape[-2:])).float()
+    if mask.shape[0] not in (1, b):
+        raise ValueError(f"Layer Diffuse Encode: {mask.shape[0]} masks for {b} images; connect one mask per image or a single mask")
+    mask = comfy.utils.common_upscale(mask.unsqueeze(1), w, h, "bilinear", "disabled") if mask.shape[-2:] != (h, w) else mask.unsqueeze(1)
+    return (1.0 - mask).expand(b, 1, h, w).clamp(0, 1)
+
+
+def _crop_to_multiple_of_8(x: torch.Tensor) -> torch.Tensor:
+    """Centre-crop [B,C,H,W] to multiples of 8, as ComfyUI's VAE Encode does."""
+    h, w = x.shape[-2:]
+    top, left = (h % 8) // 2, (w % 8) // 2
+    return x[..., top : top + h - h % 8, left : left + w - w % 8]
+
+
+def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for [B,3,H,W] pixels in [0,1], with ComfyUI's memory
+    handling (ComfyUI's own VAE.encode returns only the mean)."""
+    autoencoder = vae.first_stage_model
+    regularizer = type(getattr(autoencoder, "regularization", None)).__name__
+    if regularizer != "DiagonalGaussianRegularizer" or getattr(autoencoder, "bn", None) is not None:
+        raise ValueError("Layer Diffuse Encode needs a Stable Diffusion (KL) VAE; this VAE has no Gaussian posterior")
+    memory = vae.memory_used_encode(pixels.shape, vae.vae_dtype)
+    model_management.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=vae.disable_offload)
+    step = max(1, int(model_management.get_free_memory(vae.device) / max(1, memory)))
+    means, stds = [], []
+    for start in range(0, pixels.shape[0], step):
+        x = vae.process_input(pixels[start : start + step]).to(vae.vae_dtype).to(vae.device)
+        moments = autoencoder.encoder(x)
+        if getattr(autoencoder, "quant_conv", None) is not None:
+            moments = autoencoder.quant_conv(moments)
+        mean, std = posterior_mean_std(moments.float())
+        means.append(mean.to(vae.output_device))
+        stds.append(std.to(vae.output_device))
+    return torch.cat(means), torch.cat(stds)
+
+
+class LayeredDiffusionEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LayeredDiffusionEncode",
+            display_name="Layer Diffuse Encode (RGBA)",
+            category=CATEGORY,
+            description="Encode a transparent image into a latent that carries its alpha, for transparent img2img "
+                        "(KSampler with denoise < 1, then Layer Diffuse Decode).",
+            inputs=[
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
+                io.Image.Input("image", tooltip="The image; if it has 4 channels and no mask is connected, "
+                               "its 4th channel is the alpha."),
+                io.Mask.Input("mask", optional=True, tooltip="Transparency in LoadImage's convention: 1 = transparent, "
+                              "0 = opaque (connect LoadImage's MASK). Without it the image is opaque unless it is RGBA."),
+                _sd_version_input(),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The transparent latent.")],
+        )
+
+    @classmethod
+    def execute(cls, vae, image, sd_version, mask=None) -> io.NodeOutput:
+        if vae.latent_channels != SD_LATENT_CHANNELS:
+            raise ValueError(f"Layer Diffuse Encode: this VAE makes {vae.latent_channels}-channel latents; "
+                             f"the {sd_version} transparent encoder is for the 4-channel SD1.5/SDXL VAE")
+        alpha = _crop_to_multiple_of_8(_alpha_for(image, mask))
+        rgb = _crop_to_multiple_of_8(image[..., :3].movedim(-1, 1).float())
+        if min(rgb.shape[-2:]) < 8:
+            raise ValueError(f"Layer Diffuse Encode: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
+        patcher = model_store.network(TRANSPARENT_ENCODERS[sd_version], LatentTransparencyOffsetEncoder)
+        encoder = model_store.load_to_device(patcher, rgb.numel() * 64)
+        offset = transparency_offset(encoder, rgb, alpha)
+        mean, std = vae_posterior(vae, rgba.flatten_on_grey(rgb, alpha))
+        return io.NodeOutput({"samples": latent_with_offset(mean, std, offset)})
+
+
+class LayeredDiffusionCheckerboard(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LayeredDiffusionCheckerboard",
+            display_name="Layer Diffuse Checkerboard Preview",
+            category=CATEGORY,
+            description="Show an RGBA image over a checkerboard so that its transparency is visible.",
+            inputs=[
+                io.Image.Input("image", tooltip="An RGBA image (e.g. Layer Diffuse Decode (RGBA)); RGB passes through."),
+                io.Int.Input("square", default=16, min=1, max=512, step=1, tooltip="Checkerboard square size in pixels."),
+            ],
+            outputs=[io.Image.Output(display_name="IMAGE", tooltip="RGB image for Preview Image / Save Image.")],
+        )
+
+    @classmethod
+    def execute(cls, image, square) -> io.NodeOutput:
+        if image.shape[-1] != 4:
+            return io.NodeOutput(image[..., :3])
+        pixels = image.movedim(-1, 1)
+        return io.NodeOutput(rgba.checkerboard_preview(pixels[:, :3], pixels[:, 3:], square).movedim(1, -1))
+
+
+TRANSPARENT_VAE_NODES = [
+    LayeredDiffusionDecode,
+    LayeredDiffusionDecodeRGBA,
+    LayeredDiffusionDecodeSplit,
+    LayeredDiffusionEncode,
+    LayeredDiffusionCheckerboard,
+]

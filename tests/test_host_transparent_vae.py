@@ -1,0 +1,326 @@
+"""The transparent VAE nodes inside a real ComfyUI: loading, compatibility, execution, HTTP API."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from conftest import PACK_ROOT, find_testkit
+
+DECODE_NODES = ["LayeredDiffusionDecode", "LayeredDiffusionDecodeRGBA", "LayeredDiffusionDecodeSplit"]
+OUR_NODES = DECODE_NODES + ["LayeredDiffusionEncode", "LayeredDiffusionCheckerboard"]
+
+
+def pack_module(name: str):
+    """A module of this pack as ComfyUI's loader imported it (its name is the pack's path)."""
+    for module_name, module in list(sys.modules.items()):
+        if module_name.endswith("." + name) and str(getattr(module, "__file__", "")).startswith(str(PACK_ROOT)):
+            return module
+    raise LookupError(name)
+
+
+@pytest.fixture()
+def layer_model_dir(pack, tmp_path, monkeypatch, synth_weights):
+    """A layer_model folder holding synthetic SD1.5/SDXL transparent VAE files (and nothing else)."""
+    import folder_paths
+
+    for stem in ("vae_transparent_decoder", "vae_transparent_encoder",
+                 "layer_sd15_vae_transparent_decoder", "layer_sd15_vae_transparent_encoder"):
+        source = synth_weights(stem)
+        (tmp_path / source.name).symlink_to(source)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def sd15_vae(pack, synth_weights):
+    """The VAE of the synthetic SD1.5 checkpoint, as ComfyUI builds it."""
+    import comfy.sd
+
+    prefix = "first_stage_model."
+    with safe_open(str(synth_weights("sd15_checkpoint")), framework="pt") as f:
+        state = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+    return comfy.sd.VAE(sd=state)
+
+
+def node(pack, node_id):
+    return pack.NODE_CLASS_MAPPINGS[node_id]
+
+
+def run_node(pack, node_id, **inputs):
+    result = node(pack, node_id).execute(**inputs)
+    return result.result if hasattr(result, "result") else result
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+def test_pack_registers_through_comfyui_loader(pack):
+    for node_id in OUR_NODES:
+        assert node_id in pack.NODE_CLASS_MAPPINGS, node_id
+        schema = node(pack, node_id).define_schema()
+        assert schema.category.startswith("layer_diffuse")
+        assert all(i.tooltip for i in schema.inputs), f"{node_id} has inputs without tooltips"
+    package = pack_module("nodes").__name__.rsplit(".", 1)[0]
+    assert not hasattr(sys.modules[package], "NODE_CLASS_MAPPINGS")
+
+
+def test_layer_model_folder_keeps_configured_paths(pack, monkeypatch, tmp_path):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], set()))
+    pack_module("nodes.model_store").register_folder()
+    paths, extensions = folder_paths.folder_names_and_paths["layer_model"]
+    assert paths[0] == str(tmp_path) and paths[1].endswith("layer_model") and extensions == {".safetensors"}
+
+
+def _widget_inputs(node_class) -> list[tuple[str, dict]]:
+    """(name, options) of the inputs the frontend shows as widgets, in order."""
+    spec = node_class.INPUT_TYPES()
+    widgets = []
+    for group in ("required", "optional"):
+        for name, (kind, options) in spec.get(group, {}).items():
+            if kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or isinstance(kind, list):
+                widgets.append((name, {**options, "kind": kind}))
+    return widgets
+
+
+def compat_workflows():
+    testkit = find_testkit()
+    folder = testkit.parent / "compat" / "huchenlei-example-workflows" if testkit else None
+    return sorted(folder.glob("*.json")) if folder and folder.is_dir() else []
+
+
+@pytest.mark.parametrize("workflow", compat_workflows(), ids=lambda p: p.stem)
+def test_peer_workflows_fit_our_decode_nodes(pack, workflow):
+    graph = json.loads(workflow.read_text())
+    for item in graph["nodes"]:
+        if item["type"] not in DECODE_NODES:
+            continue
+        node_class = node(pack, item["type"])
+        widgets = _widget_inputs(node_class)
+        assert len(widgets) == len(item["widgets_values"])
+        for (name, options), value in zip(widgets, item["widgets_values"]):
+            if options["kind"] == "COMBO":
+                assert value in options["options"], (name, value)
+            else:
+                assert options["min"] <= value <= options["max"], (name, value)
+        ours = node_class.INPUT_TYPES()["required"]
+        for slot in item["inputs"]:
+            assert ours[slot["name"]][0] == slot["type"]
+        assert [o["type"] for o in item["outputs"]] == list(node_class.RETURN_TYPES)
+
+
+# --- execution in-process -------------------------------------------------------------------------
+
+def test_decode_rgba_keeps_odd_sizes(pack, layer_model_dir):
+    images = torch.rand(2, 120, 200, 3)
+    latent = {"samples": torch.randn(2, 4, 15, 25)}
+    (rgba,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=images, sd_version="SDXL", sub_batch_size=1)
+    assert rgba.shape == (2, 120, 200, 4) and rgba.dtype == torch.float32
+    image, mask = run_node(pack, "LayeredDiffusionDecode", samples=latent, images=images, sd_version="SDXL", sub_batch_size=2)
+    # Sub-batches of 1 and 2 differ by float rounding only.
+    torch.testing.assert_close(image, rgba[..., :3], atol=1e-4, rtol=0)
+    torch.testing.assert_close(mask, rgba[..., 3], atol=1e-4, rtol=0)
+
+    import comfy.model_management
+
+    loaded = [m.model for m in comfy.model_management.current_loaded_models]
+    assert any(type(getattr(m, "model", None)).__name__ == "UNet1024" for m in loaded), "not managed by ComfyUI"
+
+
+def test_decode_errors_say_what_to_connect(pack, layer_model_dir):
+    with pytest.raises(ValueError, match="batch mismatch: 2 images but 1 latents"):
+        run_node(pack, "LayeredDiffusionDecode", samples={"samples": torch.randn(1, 4, 8, 8)},
+                 images=torch.rand(2, 64, 64, 3), sd_version="SD15", sub_batch_size=4)
+    with pytest.raises(ValueError, match="size mismatch"):
+        run_node(pack, "LayeredDiffusionDecodeRGBA", samples={"samples": torch.randn(1, 4, 8, 8)},
+                 images=torch.rand(1, 128, 64, 3), sd_version="SD15", sub_batch_size=4)
+    with pytest.raises(ValueError, match="not a multiple of frames=2"):
+        run_node(pack, "LayeredDiffusionDecodeSplit", samples={"samples": torch.randn(3, 4, 8, 8)},
+                 images=torch.rand(3, 64, 64, 3), frames=2, sd_version="SD15", sub_batch_size=4)
+
+
+def test_decode_split_decodes_every_nth_image(pack, layer_model_dir):
+    images = torch.rand(6, 64, 64, 3)
+    latent = {"samples": torch.randn(6, 4, 8, 8)}
+    first, second, third = run_node(pack, "LayeredDiffusionDecodeSplit", samples=latent, images=images, frames=3,
+                                    sd_version="SD15", sub_batch_size=16)
+    (expected,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples={"samples": latent["samples"][::3]},
+                           images=images[::3], sd_version="SD15", sub_batch_size=16)
+    torch.testing.assert_close(first, expected)
+    assert torch.equal(second, images[1::3]) and torch.equal(third, images[2::3])
+    outputs = run_node(pack, "LayeredDiffusionDecodeSplit", samples=latent, images=images, frames=2,
+                       sd_version="SD15", sub_batch_size=16)
+    assert outputs[0].shape == (3, 64, 64, 4) and outputs[2] is None
+
+
+def test_missing_weights_offline_name_file_url_and_folder(pack, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], {".safetensors"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weight_files = pack_module("lib_layerdiffuse.weight_files")
+    with pytest.raises(weight_files.WeightFileError) as error:
+        run_node(pack, "LayeredDiffusionDecode", samples={"samples": torch.randn(1, 4, 8, 8)},
+                 images=torch.rand(1, 64, 64, 3), sd_version="SD15", sub_batch_size=1)
+    text = str(error.value)
+    assert "layer_sd15_vae_transparent_decoder.safetensors" in text and str(tmp_path) in text
+    assert "https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/main/" in text
+
+
+def _rgba_test_image(height=64, width=96) -> torch.Tensor:
+    """A red disc on a transparent background, with a soft edge: [1,H,W,4]."""
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    radius = ((ys - height / 2) ** 2 + (xs - width / 2) ** 2).sqrt()
+    alpha = (1 - (radius - 20).clamp(0, 4) / 4)
+    colour = torch.stack([torch.ones_like(alpha), 0.2 * torch.ones_like(alpha), xs / width], -1)
+    return torch.cat([colour, alpha[..., None]], -1)[None].float()
+
+
+def test_encode_is_posterior_mean_plus_std_times_offset(pack, layer_model_dir, sd15_vae):
+    image = _rgba_test_image()
+    (latent,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=image[..., :3],
+                         mask=1 - image[..., 3], sd_version="SD15")
+    z = latent["samples"]
+    assert z.shape == (1, 4, 8, 12)
+    # The same image given as RGBA without a mask is the same latent.
+    (again,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=image, sd_version="SD15")
+    torch.testing.assert_close(again["samples"], z)
+
+    tv = pack_module("nodes.transparent_vae")
+    lib = pack_module("lib_layerdiffuse.transparent_vae")
+    rgb, alpha = image[..., :3].movedim(-1, 1), image[..., 3:].movedim(-1, 1)
+    mean, std = tv.vae_posterior(sd15_vae, 0.5 + (rgb - 0.5) * alpha)
+    torch.testing.assert_close(mean, sd15_vae.encode(0.5 + (image[..., :3] - 0.5) * image[..., 3:]), atol=1e-4, rtol=1e-4)
+    encoder = pack_module("nodes.model_store").network(
+        pack_module("lib_layerdiffuse.weight_files").TRANSPARENT_ENCODERS["SD15"], lib.LatentTransparencyOffsetEncoder).model
+    offset = lib.transparency_offset(encoder, rgb, alpha)
+    assert offset.abs().max() > 0
+    torch.testing.assert_close(z, mean + std * offset, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_decode_round_trip(pack, layer_model_dir, sd15_vae):
+    image = _rgba_test_image(64, 64)
+    (latent,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=image, sd_version="SD15")
+    decoded = sd15_vae.decode(latent["samples"])
+    (rgba,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=decoded, sd_version="SD15",
+                       sub_batch_size=4)
+    assert rgba.shape == (1, 64, 64, 4) and torch.isfinite(rgba).all()
+
+
+def test_encode_crops_like_vae_encode_and_checks_masks(pack, layer_model_dir, sd15_vae):
+    (latent,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=torch.rand(1, 70, 61, 3), sd_version="SD15")
+    assert latent["samples"].shape == (1, 4, 8, 7)
+    with pytest.raises(ValueError, match="3 masks for 2 images"):
+        run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=torch.rand(2, 64, 64, 3),
+                 mask=torch.zeros(3, 64, 64), sd_version="SD15")
+
+
+def test_checkerboard_preview(pack):
+    image = torch.zeros(1, 32, 32, 4)
+    (preview,) = run_node(pack, "LayeredDiffusionCheckerboard", image=image, square=16)
+    assert preview.shape == (1, 32, 32, 3)
+    assert preview[0, 0, 0, 0] != preview[0, 0, 16, 0]
+    opaque = torch.ones(1, 32, 32, 4)
+    assert torch.equal(run_node(pack, "LayeredDiffusionCheckerboard", image=opaque, square=16)[0], opaque[..., :3])
+
+
+# --- the real server over HTTP --------------------------------------------------------------------
+
+def test_object_info_lists_our_nodes(comfy_server):
+    info = comfy_server.get("/object_info")
+    for node_id in OUR_NODES:
+        assert node_id in info, node_id
+    decode = info["LayeredDiffusionDecodeSplit"]
+    assert decode["input_order"]["required"] == ["samples", "images", "frames", "sd_version", "sub_batch_size"]
+    assert decode["output"] == ["IMAGE", "IMAGE", "IMAGE"]
+
+
+def _assert_rgba_pngs(server, entry, node_id, size, count):
+    files = server.output_files(entry, node_id)
+    assert len(files) == count
+    for path in files:
+        with Image.open(path) as png:
+            assert png.mode == "RGBA" and png.size == size
+            alpha = np.asarray(png.getchannel("A"))
+            assert alpha.shape == (size[1], size[0])
+
+
+def test_decode_prompts_save_pngs_with_alpha(comfy_server):
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_synthetic.safetensors"}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 200, "height": 120, "batch_size": 2}},
+        "vae_decode": {"class_type": "VAEDecode", "inputs": {"samples": ["latent", 0], "vae": ["ckpt", 2]}},
+        "rgba": {"class_type": "LayeredDiffusionDecodeRGBA",
+                 "inputs": {"samples": ["latent", 0], "images": ["vae_decode", 0], "sd_version": "SD15", "sub_batch_size": 1}},
+        "save_rgba": {"class_type": "SaveImage", "inputs": {"images": ["rgba", 0], "filename_prefix": "rgba"}},
+        "decode": {"class_type": "LayeredDiffusionDecode",
+                   "inputs": {"samples": ["latent", 0], "images": ["vae_decode", 0], "sd_version": "SD15", "sub_batch_size": 16}},
+        "join": {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["decode", 0], "alpha": ["invert", 0]}},
+        "invert": {"class_type": "InvertMask", "inputs": {"mask": ["decode", 1]}},
+        "save_joined": {"class_type": "SaveImage", "inputs": {"images": ["join", 0], "filename_prefix": "joined"}},
+        "split": {"class_type": "LayeredDiffusionDecodeSplit",
+                  "inputs": {"samples": ["latent", 0], "images": ["vae_decode", 0], "frames": 2, "sd_version": "SD15",
+                             "sub_batch_size": 16}},
+        "save_split": {"class_type": "SaveImage", "inputs": {"images": ["split", 0], "filename_prefix": "split"}},
+        "preview": {"class_type": "LayeredDiffusionCheckerboard", "inputs": {"image": ["rgba", 0], "square": 16}},
+        "save_preview": {"class_type": "SaveImage", "inputs": {"images": ["preview", 0], "filename_prefix": "preview"}},
+    }
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    _assert_rgba_pngs(comfy_server, entry, "save_rgba", (200, 120), 2)
+    _assert_rgba_pngs(comfy_server, entry, "save_joined", (200, 120), 2)
+    _assert_rgba_pngs(comfy_server, entry, "save_split", (200, 120), 1)
+    with Image.open(comfy_server.output_files(entry, "save_rgba")[0]) as a, \
+            Image.open(comfy_server.output_files(entry, "save_joined")[0]) as b:
+        # Decode + inverted mask + core JoinImageWithAlpha is Decode (RGBA); sub-batches of 1 and 16
+        # differ by float rounding, at most one 8-bit level.
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
+
+
+def test_encode_prompt_round_trips_an_rgba_png(comfy_server):
+    rgba = (_rgba_test_image(64, 96)[0].numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(comfy_server.base / "input" / "disc.png")
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_synthetic.safetensors"}},
+        "load": {"class_type": "LoadImage", "inputs": {"image": "disc.png"}},
+        "encode": {"class_type": "LayeredDiffusionEncode",
+                   "inputs": {"vae": ["ckpt", 2], "image": ["load", 0], "mask": ["load", 1], "sd_version": "SD15"}},
+        "vae_decode": {"class_type": "VAEDecode", "inputs": {"samples": ["encode", 0], "vae": ["ckpt", 2]}},
+        "rgba": {"class_type": "LayeredDiffusionDecodeRGBA",
+                 "inputs": {"samples": ["encode", 0], "images": ["vae_decode", 0], "sd_version": "SD15", "sub_batch_size": 16}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["rgba", 0], "filename_prefix": "roundtrip"}},
+    }
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    _assert_rgba_pngs(comfy_server, entry, "save", (96, 64), 1)
+
+
+def test_bad_input_is_an_execution_error_not_a_crash(comfy_server):
+    prompt = {
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "image": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 64, "batch_size": 1, "color": 0}},
+        "rgba": {"class_type": "LayeredDiffusionDecodeRGBA",
+                 "inputs": {"samples": ["latent", 0], "images": ["image", 0], "sd_version": "SD15", "sub_batch_size": 1}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["rgba", 0], "filename_prefix": "bad"}},
+    }
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "size mismatch" in errors[0][1]["exception_message"]
+    assert comfy_server.get("/system_stats")  # still serving
+
+
+def test_shipped_api_workflow_runs(comfy_server):
+    prompt = json.loads((PACK_ROOT / "workflows" / "api" / "sd15_transparent_decode.json").read_text())
+    prompt["1"]["inputs"]["ckpt_name"] = "sd15_synthetic.safetensors"
+    prompt["4"]["inputs"].update(width=64, height=64)
+    prompt["5"]["inputs"]["steps"] = 2
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    _assert_rgba_pngs(comfy_server, entry, "8", (64, 64), 1)
