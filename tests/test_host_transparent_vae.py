@@ -173,6 +173,47 @@ def test_missing_weights_offline_name_file_url_and_folder(pack, tmp_path, monkey
     assert "https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/main/" in text
 
 
+def test_progress_bar_advances_over_the_decode_passes(pack, layer_model_dir, monkeypatch):
+    import comfy.utils
+
+    updates = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: updates.append((value, total)))
+    run_node(pack, "LayeredDiffusionDecode", samples={"samples": torch.randn(3, 4, 8, 8)},
+             images=torch.rand(3, 64, 64, 3), sd_version="SD15", sub_batch_size=2)
+    assert updates == [(i, 16) for i in range(1, 17)]
+
+
+def test_missing_weight_file_is_downloaded_into_layer_model(pack, tmp_path, monkeypatch, synth_weights):
+    """The glue's download path end to end, from a file server on 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+
+    import comfy.utils
+    import folder_paths
+
+    source = synth_weights("vae_transparent_encoder")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(source.parent))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    folder = tmp_path / "layer_model"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(folder)], {".safetensors"}))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    updates = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: updates.append((value, total)))
+    weight_files = pack_module("lib_layerdiffuse.weight_files")
+    local = weight_files.WeightFile(source.name, "SDXL", "transparent encoder",
+                                    f"http://127.0.0.1:{httpd.server_address[1]}/{source.name}")
+    try:
+        path = pack_module("nodes.model_store").weight_path(local)
+    finally:
+        httpd.shutdown()
+    assert path == str(folder / source.name) and open(path, "rb").read() == source.read_bytes()
+    assert updates[-1] == (source.stat().st_size, source.stat().st_size)
+    assert sorted(p.name for p in folder.iterdir()) == [source.name]
+
+
 def _rgba_test_image(height=64, width=96) -> torch.Tensor:
     """A red disc on a transparent background, with a soft edge: [1,H,W,4]."""
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
