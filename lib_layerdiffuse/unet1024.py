@@ -35,11 +35,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+        # In place where the tensor is our own intermediate: inference only, fewer full-size copies.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class SpatialSelfAttention(nn.Module):
@@ -56,7 +55,8 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        # [B, HW, C]; a view, not a copy, when x is channels-last.
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)
 
         def split_heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)
@@ -64,7 +64,7 @@ class SpatialSelfAttention(nn.Module):
         q, k, v = (split_heads(proj(tokens)) for proj in (self.to_q, self.to_k, self.to_v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = self.to_out[0](out.transpose(1, 2).reshape(b, h * w, c))
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        return out.transpose(1, 2).reshape(b, c, h, w).add_(x)
 
 
 class Downsample(nn.Module):
@@ -173,14 +173,18 @@ class UNet1024(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], out_channels, 3, padding=1)
 
     def forward(self, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(pixel)
+        # The input convolutions run at the weights' precision even under autocast: rounding the
+        # image itself to bfloat16 is the largest single error of a half-precision decode.
+        with torch.autocast(pixel.device.type, enabled=False):
+            x = self.conv_in(pixel)
+            injected = self.latent_conv_in(latent)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
             if i == LATENT_INJECTION_BLOCK:
-                x = x + self.latent_conv_in(latent)
+                x = x + injected
             x, block_skips = block(x)
             skips += block_skips
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x, skips)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))

@@ -52,16 +52,19 @@ def weight_path(weight_file: WeightFile) -> str:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
+    """ComfyUI's choice for the device: float16 where it supports it, else float32."""
     return torch.float16 if model_management.should_use_fp16(device) else torch.float32
 
 
-def network(weight_file: WeightFile, factory: Callable[[], nn.Module]) -> comfy.model_patcher.ModelPatcher:
-    """The network in `weight_file`, loaded strictly, as a ModelPatcher (not yet on the GPU)."""
+def network(weight_file: WeightFile, factory: Callable[[], nn.Module],
+            dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
+    """The network in `weight_file`, loaded strictly, as a ModelPatcher (not yet on the GPU);
+    weights in `dtype`, by default ComfyUI's choice for the device."""
     path = weight_path(weight_file)
     stat = os.stat(path)
     device = model_management.get_torch_device()
     offload = model_management.unet_offload_device()
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     key = (path, stat.st_mtime_ns, stat.st_size, str(device), dtype)
     if key in _networks:
         _networks.move_to_end(key)

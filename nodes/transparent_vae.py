@@ -47,6 +47,29 @@ def _sub_batch_input() -> io.Int.Input:
     )
 
 
+PASSES = {"8": 8, "4": 4, "1": 1}
+PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _speed_inputs() -> list[io.Input]:
+    """Inputs added after the peer pack's ones and optional, so that its saved workflows, UI and
+    API format alike, keep their values and still validate."""
+    return [
+        io.Combo.Input(
+            "passes", options=list(PASSES), default="8", optional=True,
+            tooltip="Decoder passes merged by a per-pixel median. 8 (flips x rotations) is the reference "
+                    "quality; 4 (no quarter turns) takes half the time; 1 is a quick preview. See the README "
+                    "for measured differences.",
+        ),
+        io.Combo.Input(
+            "precision", options=list(PRECISIONS), default="auto", optional=True,
+            tooltip="auto: float16 on GPUs that support it, float32 on the CPU (reference results). "
+                    "bfloat16/float16: half-precision convolutions under autocast, about 2x faster on the "
+                    "CPU, max difference about 3e-2 from float32.",
+        ),
+    ]
+
+
 def _samples_input() -> io.Latent.Input:
     return io.Latent.Input("samples", tooltip="The latents that were decoded into `images` (e.g. KSampler's output).")
 
@@ -55,24 +78,26 @@ def _images_input() -> io.Image.Input:
     return io.Image.Input("images", tooltip="VAE Decode's output for the same latents.")
 
 
-def decode_rgba(samples: dict, images: torch.Tensor, sd_version: str, sub_batch_size: int) -> torch.Tensor:
+def decode_rgba(samples: dict, images: torch.Tensor, sd_version: str, sub_batch_size: int,
+                passes: str = "8", precision: str = "auto") -> torch.Tensor:
     """[B,H,W,4] RGBA (alpha last, 1 = opaque) for ComfyUI latents and their decoded images."""
     latent = samples["samples"]
     pixel = images[..., :3].movedim(-1, 1)
     check_decode_inputs(pixel, latent, SD_LATENT_CHANNELS)
-    patcher = model_store.network(TRANSPARENT_DECODERS[sd_version], UNet1024)
+    storage = torch.float32 if precision == "float32" else None
+    patcher = model_store.network(TRANSPARENT_DECODERS[sd_version], UNet1024, storage)
     step = min(sub_batch_size, pixel.shape[0])
-    dtype_bytes = torch.finfo(model_store.compute_dtype(patcher.load_device)).bits // 8
+    dtype_bytes = torch.finfo(patcher.model.conv_in.weight.dtype).bits // 8
     working = step * pixel.shape[-2] * pixel.shape[-1] * DECODE_BYTES_PER_PIXEL * dtype_bytes // 4
     model = model_store.load_to_device(patcher, working)
 
-    bar = comfy.utils.ProgressBar(8 * sub_batches(pixel.shape[0], sub_batch_size))
+    bar = comfy.utils.ProgressBar(PASSES[passes] * sub_batches(pixel.shape[0], sub_batch_size))
 
     def on_pass() -> None:
         model_management.throw_exception_if_processing_interrupted()
         bar.update(1)
 
-    alpha_rgb = decode_transparent(model, pixel, latent, sub_batch_size, on_pass)
+    alpha_rgb = decode_transparent(model, pixel, latent, sub_batch_size, on_pass, PASSES[passes], PRECISIONS[precision])
     return torch.cat([alpha_rgb[:, 1:], alpha_rgb[:, :1]], dim=1).movedim(1, -1)
 
 
@@ -84,7 +109,7 @@ class LayeredDiffusionDecode(io.ComfyNode):
             display_name="Layer Diffuse Decode",
             category=CATEGORY,
             description="Recover the transparent image from a LayerDiffuse latent and its VAE-decoded image.",
-            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input()],
+            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input(), *_speed_inputs()],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The foreground colours (RGB)."),
                 io.Mask.Output(display_name="MASK", tooltip="The predicted alpha: 1 = opaque, 0 = transparent "
@@ -93,8 +118,8 @@ class LayeredDiffusionDecode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, samples, images, sd_version, sub_batch_size) -> io.NodeOutput:
-        image = decode_rgba(samples, images, sd_version, sub_batch_size)
+    def execute(cls, samples, images, sd_version, sub_batch_size, passes="8", precision="auto") -> io.NodeOutput:
+        image = decode_rgba(samples, images, sd_version, sub_batch_size, passes, precision)
         return io.NodeOutput(image[..., :3], image[..., 3])
 
 
@@ -106,13 +131,13 @@ class LayeredDiffusionDecodeRGBA(io.ComfyNode):
             display_name="Layer Diffuse Decode (RGBA)",
             category=CATEGORY,
             description="Recover the transparent image as one RGBA image; Save Image writes it as a PNG with alpha.",
-            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input()],
+            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input(), *_speed_inputs()],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="RGBA image (4 channels, alpha last).")],
         )
 
     @classmethod
-    def execute(cls, samples, images, sd_version, sub_batch_size) -> io.NodeOutput:
-        return io.NodeOutput(decode_rgba(samples, images, sd_version, sub_batch_size))
+    def execute(cls, samples, images, sd_version, sub_batch_size, passes="8", precision="auto") -> io.NodeOutput:
+        return io.NodeOutput(decode_rgba(samples, images, sd_version, sub_batch_size, passes, precision))
 
 
 class LayeredDiffusionDecodeSplit(io.ComfyNode):
@@ -131,6 +156,7 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
                              tooltip="Images per group in the batch: 2 for fg/bg + blended modes, 3 for the joint mode."),
                 _sd_version_input(),
                 _sub_batch_input(),
+                *_speed_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="Layer 1 of every group, decoded to RGBA."),
@@ -140,13 +166,14 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, samples, images, frames, sd_version, sub_batch_size) -> io.NodeOutput:
+    def execute(cls, samples, images, frames, sd_version, sub_batch_size, passes="8", precision="auto") -> io.NodeOutput:
         if images.shape[0] % frames:
             raise ValueError(
                 f"Layer Diffuse Decode (Split): the batch has {images.shape[0]} images, not a multiple of frames={frames}; "
                 "set frames to the number of layers the model generated per image"
             )
-        first = decode_rgba({**samples, "samples": samples["samples"][::frames]}, images[::frames], sd_version, sub_batch_size)
+        first = decode_rgba({**samples, "samples": samples["samples"][::frames]}, images[::frames], sd_version,
+                            sub_batch_size, passes, precision)
         layers = [first] + [images[i::frames] for i in range(1, frames)]
         return io.NodeOutput(*layers, *([None] * (MAX_FRAMES - frames)))
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from lib_layerdiffuse.download import download
-from lib_layerdiffuse.weight_files import WEIGHT_FILES, WeightFileError
+from lib_layerdiffuse.weight_files import OFFICIAL_REPO, WEIGHT_FILES, WeightFileError
 
 PAYLOAD = bytes(range(256)) * 5000
 
@@ -77,5 +77,7 @@ def test_offline_names_file_url_and_folder(tmp_path, monkeypatch):
 
 
 def test_registry_lists_the_fourteen_official_files():
-    assert len(WEIGHT_FILES) == 14
-    assert {wf.family for wf in WEIGHT_FILES.values()} == {"SD15", "SDXL"}
+    official = [wf for wf in WEIGHT_FILES.values() if wf.url.startswith(OFFICIAL_REPO)]
+    assert len(official) == 14
+    assert {wf.family for wf in official} == {"SD15", "SDXL"}
+    assert all(wf.url == OFFICIAL_REPO + wf.name for wf in official)

@@ -103,7 +103,9 @@ def test_peer_workflows_fit_our_decode_nodes(pack, workflow):
             continue
         node_class = node(pack, item["type"])
         widgets = _widget_inputs(node_class)
-        assert len(widgets) == len(item["widgets_values"])
+        # Our extra widgets come after the peer's and keep their defaults when it has no value.
+        assert len(widgets) >= len(item["widgets_values"])
+        assert all("default" in options for _, options in widgets[len(item["widgets_values"]):])
         for (name, options), value in zip(widgets, item["widgets_values"]):
             if options["kind"] == "COMBO":
                 assert value in options["options"], (name, value)
@@ -131,6 +133,19 @@ def test_decode_rgba_keeps_odd_sizes(pack, layer_model_dir):
 
     loaded = [m.model for m in comfy.model_management.current_loaded_models]
     assert any(type(getattr(m, "model", None)).__name__ == "UNet1024" for m in loaded), "not managed by ComfyUI"
+
+
+def test_fast_modes_run_and_stay_close(pack, layer_model_dir):
+    images = torch.rand(1, 64, 64, 3)
+    latent = {"samples": torch.randn(1, 4, 8, 8)}
+    (reference,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=images, sd_version="SD15",
+                            sub_batch_size=1, passes="8", precision="float32")
+    (half,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=images, sd_version="SD15",
+                       sub_batch_size=1, passes="8", precision="bfloat16")
+    assert half.dtype == torch.float32 and 0 < (half - reference).abs().max() < 5e-2
+    (four,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=images, sd_version="SD15",
+                       sub_batch_size=1, passes="4", precision="auto")
+    assert four.shape == reference.shape and not torch.equal(four, reference)
 
 
 def test_decode_errors_say_what_to_connect(pack, layer_model_dir):
@@ -279,6 +294,7 @@ def test_object_info_lists_our_nodes(comfy_server):
         assert node_id in info, node_id
     decode = info["LayeredDiffusionDecodeSplit"]
     assert decode["input_order"]["required"] == ["samples", "images", "frames", "sd_version", "sub_batch_size"]
+    assert decode["input_order"]["optional"] == ["passes", "precision"]
     assert decode["output"] == ["IMAGE", "IMAGE", "IMAGE"]
 
 

@@ -88,6 +88,20 @@ def test_decoder_augmented_matches_golden(decoder, golden):
     assert (mean_of_middle - golden["decoder.augmented"]).abs().max() > 10 * ATOL
 
 
+def test_fewer_passes_and_half_precision(decoder, golden):
+    pixel, latent = golden["decoder.pixel"], golden["decoder.latent"]
+    calls = []
+    four = decode_transparent(decoder, pixel, latent, 1, on_pass=lambda: calls.append(1), passes=4)
+    assert len(calls) == 4
+    passes = golden["decoder.augmented_passes"][[0, 2, 4, 6]]
+    torch.testing.assert_close(four, passes.median(dim=0).values, atol=ATOL, rtol=0)
+    one = decode_transparent(decoder, pixel, latent, 1, passes=1)
+    torch.testing.assert_close(one, golden["decoder.single_pass"].clamp(0, 1), atol=ATOL, rtol=0)
+    half = decode_transparent(decoder, pixel, latent, 1, autocast_dtype=torch.bfloat16)
+    assert half.dtype == torch.float32
+    assert 0 < (half - golden["decoder.augmented"]).abs().max() < 3e-2
+
+
 def test_decode_transparent_of_aligned_size_is_the_augmented_decode(decoder, golden):
     out = decode_transparent(decoder, golden["decoder.pixel"], golden["decoder.latent"], sub_batch_size=4)
     torch.testing.assert_close(out, golden["decoder.augmented"], atol=ATOL, rtol=0)

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Benchmark of the transparent decode (8-pass augmented) and the offset encoder.
+
+Compares the pack's implementation with a straightforward baseline of the same network written
+here (functional torch on the state dict, NCHW float32, eight sequential passes, median), on the
+same weights and inputs. Each measurement runs in its own subprocess so that its peak memory is
+its own. Prints one table: median time, speedup over the baseline, peak memory, max |difference|.
+
+    python benchmarks/bench_transparent_vae.py                      # 512 and 1024, CPU float32
+    python benchmarks/bench_transparent_vae.py --sizes 512 --precision bfloat16 --passes 4
+    python benchmarks/bench_transparent_vae.py --device cuda            # float16, as the nodes' "auto"
+
+--precision is the decode nodes' setting: auto (float16 weights on CUDA, float32 on the CPU),
+float32, or bfloat16/float16 autocast.
+
+Weights are random (seeded): speed does not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder  # noqa: E402
+from lib_layerdiffuse.transparent_vae import decode_transparent  # noqa: E402
+from lib_layerdiffuse.unet1024 import UNet1024  # noqa: E402
+from lib_layerdiffuse.weight_files import build_model  # noqa: E402
+
+
+# --- the baseline: the same network, written plainly ----------------------------------------------
+
+def _baseline_decoder(sd: dict, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def conv(x, name, stride=1):
+        w = sd[name + ".weight"]
+        return F.conv2d(x, w, sd[name + ".bias"], stride, w.shape[-1] // 2)
+
+    def norm(x, name):
+        return F.group_norm(x, 4, sd[name + ".weight"], sd[name + ".bias"], 1e-5)
+
+    def resnet(x, name):
+        h = conv(F.silu(norm(x, name + ".norm1")), name + ".conv1")
+        h = conv(F.silu(norm(h, name + ".norm2")), name + ".conv2")
+        shortcut = conv(x, name + ".conv_shortcut") if name + ".conv_shortcut.weight" in sd else x
+        return shortcut + h
+
+    def attention(x, name):
+        b, c, h, w = x.shape
+        t = norm(x, name + ".group_norm").view(b, c, h * w).transpose(1, 2)
+        q, k, v = (F.linear(t, sd[f"{name}.{p}.weight"], sd[f"{name}.{p}.bias"]).view(b, -1, c // 8, 8).transpose(1, 2)
+                   for p in ("to_q", "to_k", "to_v"))
+        a = F.scaled_dot_product_attention(q, k, v)  # what the reference (diffusers) uses
+        a = F.linear(a.transpose(1, 2).reshape(b, h * w, c), sd[name + ".to_out.0.weight"], sd[name + ".to_out.0.bias"])
+        return x + a.transpose(1, 2).reshape(b, c, h, w)
+
+    def has(prefix):
+        return any(k.startswith(prefix) for k in sd)
+
+    x = conv(pixel, "conv_in")
+    skips = [x]
+    for i in range(7):
+        if i == 3:
+            x = x + conv(latent, "latent_conv_in")
+        for j in range(2):
+            x = resnet(x, f"down_blocks.{i}.resnets.{j}")
+            if has(f"down_blocks.{i}.attentions.{j}."):
+                x = attention(x, f"down_blocks.{i}.attentions.{j}")
+            skips.append(x)
+        if has(f"down_blocks.{i}.downsamplers."):
+            x = conv(x, f"down_blocks.{i}.downsamplers.0.conv", stride=2)
+            skips.append(x)
+    x = resnet(x, "mid_block.resnets.0")
+    x = attention(x, "mid_block.attentions.0")
+    x = resnet(x, "mid_block.resnets.1")
+    for i in range(7):
+        for j in range(3):
+            x = resnet(torch.cat([x, skips.pop()], 1), f"up_blocks.{i}.resnets.{j}")
+            if has(f"up_blocks.{i}.attentions.{j}."):
+                x = attention(x, f"up_blocks.{i}.attentions.{j}")
+        if has(f"up_blocks.{i}.upsamplers."):
+            x = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"), f"up_blocks.{i}.upsamplers.0.conv")
+    return conv(F.silu(norm(x, "conv_norm_out")), "conv_out")
+
+
+def baseline_decode(sd: dict, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    passes = []
+    for flip in (False, True):
+        for k in range(4):
+            p, z = (torch.rot90(torch.flip(t, (3,)) if flip else t, k, (2, 3)) for t in (pixel, latent))
+            y = torch.rot90(_baseline_decoder(sd, p, z).clip(0, 1), -k, (2, 3))
+            passes.append(torch.flip(y, (3,)) if flip else y)
+    return torch.stack(passes).median(dim=0).values
+
+
+def baseline_encode(sd: dict, feed: torch.Tensor) -> torch.Tensor:
+    x = feed
+    for i in range(0, 17, 2):
+        w = sd[f"blocks.{i}.weight"]
+        x = F.conv2d(x, w, sd[f"blocks.{i}.bias"], 2 if i in (4, 8, 12) else 1, 1)
+        if i < 16:
+            x = F.silu(x)
+    return x
+
+
+# --- one measurement (in a subprocess) -----------------------------------------------------------
+
+def _weights(factory, seed: int) -> dict:
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in factory().state_dict().items()}
+
+
+def _inputs(size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(batch, 3, size, size, generator=g), torch.randn(batch, 4, size // 8, size // 8, generator=g),
+            torch.rand(batch, 4, size, size, generator=g))
+
+
+def _reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS counter, so the peak covers the timed runs only
+    (weights and inputs stay resident and are counted)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def measure(args) -> dict:
+    device = args.device
+    on_gpu = device.startswith("cuda")
+    dtype = torch.float16 if on_gpu and args.precision != "float32" else torch.float32
+    autocast = PRECISIONS[args.precision]
+    pixel, latent, feed = _inputs(args.size, args.batch)
+    if args.network == "decoder":
+        sd = _weights(UNet1024, 0)
+    else:
+        sd = _weights(LatentTransparencyOffsetEncoder, 1)
+    if args.impl == "baseline":
+        sd = {k: v.to(device) for k, v in sd.items()}
+        run = (lambda: baseline_decode(sd, pixel.to(device), latent.to(device))) if args.network == "decoder" \
+            else (lambda: baseline_encode(sd, feed.to(device)))
+    else:
+        factory = UNet1024 if args.network == "decoder" else LatentTransparencyOffsetEncoder
+        model = build_model(factory, sd, "benchmark", device=device, dtype=dtype)
+        del sd  # the model holds its own (re-laid-out) copy
+        if args.network == "decoder":
+            run = lambda: decode_transparent(model, pixel.to(device), latent.to(device), args.batch,  # noqa: E731
+                                             passes=args.passes, autocast_dtype=autocast)
+        else:
+            def run():
+                with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
+                    return model(feed.to(device, dtype).contiguous(memory_format=torch.channels_last))
+    with torch.inference_mode():
+        run()  # warm-up: first calls pick kernels and allocate
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_rss()
+    times = []
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            _sync(device)
+            start = time.perf_counter()
+            out = run()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    torch.save(out.float().cpu(), args.output)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _peak_rss()
+    return {"times": times, "peak_bytes": peak}
+
+
+def _run_worker(base_args: argparse.Namespace, **overrides) -> tuple[dict, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as tmp:
+        output = os.path.join(tmp, "out.pt")
+        settings = {**vars(base_args), **overrides, "output": output}
+        command = [sys.executable, __file__, "--worker"] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in settings.items()
+            if k in ("device", "precision", "size", "batch", "repeats", "passes", "network", "impl", "output", "threads")]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-3000:])
+        return json.loads(result.stdout.strip().splitlines()[-1]), torch.load(output)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                        help="the decode nodes' precision setting for ours (the baseline is always float32)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run")
+    parser.add_argument("--passes", type=int, default=8, choices=[1, 4, 8], help="augmentation passes of ours")
+    parser.add_argument("--networks", nargs="+", default=["decoder", "encoder"], choices=["decoder", "encoder"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--skip-baseline", action="store_true")
+    # worker-only
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--network", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(measure(args)))
+        return
+
+    print(f"device={args.device} precision={args.precision} passes={args.passes} batch={args.batch} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{'network':8} {'size':>5} {'impl':9} {'median s':>9} {'speedup':>8} {'peak MiB':>9} {'max|diff|':>10}")
+    for network in args.networks:
+        for size in args.sizes:
+            base, base_out = (None, None) if args.skip_baseline else _run_worker(
+                args, size=size, network=network, impl="baseline", precision="float32", passes=8)
+            ours, out = _run_worker(args, size=size, network=network, impl="ours")
+            rows = ([("baseline", base, base_out)] if base else []) + [("ours", ours, out)]
+            base_time = sorted(base["times"])[len(base["times"]) // 2] if base else None
+            for name, result, output in rows:
+                median = sorted(result["times"])[len(result["times"]) // 2]
+                speedup = f"{base_time / median:8.2f}" if base_time else f"{'-':>8}"
+                diff = f"{(output - base_out).abs().max().item():10.2e}" if base_out is not None else f"{'-':>10}"
+                print(f"{network:8} {size:5d} {name:9} {median:9.3f} {speedup} {result['peak_bytes'] / 2**20:9.0f} {diff}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
