@@ -8,13 +8,14 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes import model_store
+from .nodes.flux import FLUX_NODES
 from .nodes.transparent_vae import TRANSPARENT_VAE_NODES
 
 
 class LayerDiffuseExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*TRANSPARENT_VAE_NODES]
+        return [*TRANSPARENT_VAE_NODES, *FLUX_NODES]
 
 
 async def comfy_entrypoint() -> LayerDiffuseExtension:

@@ -146,12 +146,20 @@ def posterior_mean_std(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def transparency_offset(encoder: LatentTransparencyOffsetEncoder, rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def transparency_offset(
+    encoder: LatentTransparencyOffsetEncoder,
+    rgb: torch.Tensor,
+    alpha: torch.Tensor,
+    feed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = offset_encoder_feed,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """The latent offset for an RGBA image: rgb [B,3,H,W], alpha [B,1,H,W] in [0,1], H and W
-    multiples of 8 -> [B,C,H/8,W/8] float32 on rgb's device (computed on the encoder's)."""
+    multiples of 8 -> [B,C,H/8,W/8] float32 on rgb's device (computed on the encoder's).
+    `feed` builds the encoder's input (its channel order is the weight file's) and `scale`
+    multiplies the output (1 for SD1.5/SDXL)."""
     h, w = rgb.shape[-2:]
     if h % ENCODER_SIZE_MULTIPLE or w % ENCODER_SIZE_MULTIPLE:
         raise ValueError(f"the image is {w}x{h}; transparent encoding needs sides that are multiples of 8")
     weight = encoder.blocks[0].weight
-    feed = offset_encoder_feed(rgb, alpha).to(device=weight.device, dtype=weight.dtype)
-    return encoder(feed).to(rgb.device, torch.float32)
+    offset = encoder(feed(rgb, alpha).to(device=weight.device, dtype=weight.dtype))
+    return offset.to(rgb.device, torch.float32) * scale

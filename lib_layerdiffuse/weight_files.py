@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 OFFICIAL_REPO = "https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/main/"
+FLUX_REPO = "https://huggingface.co/RedAIGC/Flux-version-LayerDiffuse/resolve/main/"
 
 SD15 = "SD15"
 SDXL = "SDXL"
+FLUX = "FLUX"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,12 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         _official("layer_sd15_joint.safetensors", SD15, "joint attention sharing"),
         _official("layer_sd15_fg2bg.safetensors", SD15, "foreground to background attention sharing"),
         _official("layer_sd15_bg2fg.safetensors", SD15, "background to foreground attention sharing"),
+        # The Flux port (a third-party LayerDiffuse for FLUX.1-dev). TransparentVAE.pth is a pickle:
+        # lib_layerdiffuse.flux_vae converts it to TransparentVAE.safetensors before anything loads it.
+        WeightFile("TransparentVAE.pth", FLUX, "Flux VAE, transparent encoder and decoder (pickle)",
+                   FLUX_REPO + "TransparentVAE.pth"),
+        WeightFile("layerlora.safetensors", FLUX, "transparent generation LoRA for FLUX.1-dev",
+                   FLUX_REPO + "layerlora.safetensors"),
     )
 }
 
@@ -61,10 +69,10 @@ class WeightFileError(RuntimeError):
     """A weight file is missing, unreadable or of the wrong layout; the message says what to do."""
 
 
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file on the CPU; unreadable files raise WeightFileError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_safetensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file on the CPU, or only those whose names start with
+    `prefix` (with the prefix removed). Unreadable files raise WeightFileError."""
+    from safetensors import SafetensorError, safe_open
 
     name = os.path.basename(path)
     if not path.endswith(".safetensors"):
@@ -72,7 +80,8 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise WeightFileError(f"{name}: no such file: {path}")
     try:
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightFileError(
             f"{name} is corrupt or incomplete ({error}); delete {path} and download it again"

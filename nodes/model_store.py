@@ -56,20 +56,21 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if model_management.should_use_fp16(device) else torch.float32
 
 
-def network(weight_file: WeightFile, factory: Callable[[], nn.Module],
-            dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
-    """The network in `weight_file`, loaded strictly, as a ModelPatcher (not yet on the GPU);
-    weights in `dtype`, by default ComfyUI's choice for the device."""
-    path = weight_path(weight_file)
+def network(path: str, factory: Callable[[], nn.Module], dtype: torch.dtype | None = None,
+            prefix: str = "") -> comfy.model_patcher.ModelPatcher:
+    """The network stored in the file at `path` (or in its tensors named `prefix`...), loaded
+    strictly, as a ModelPatcher (not yet on the GPU); weights in `dtype`, by default ComfyUI's
+    choice for the device."""
     stat = os.stat(path)
     device = model_management.get_torch_device()
     offload = model_management.unet_offload_device()
     dtype = dtype or compute_dtype(device)
-    key = (path, stat.st_mtime_ns, stat.st_size, str(device), dtype)
+    key = (path, prefix, stat.st_mtime_ns, stat.st_size, str(device), dtype)
     if key in _networks:
         _networks.move_to_end(key)
         return _networks[key]
-    module = build_model(factory, read_safetensors(path), weight_file.name, device=offload, dtype=dtype)
+    label = os.path.basename(path) + (f" ({prefix}*)" if prefix else "")
+    module = build_model(factory, read_safetensors(path, prefix), label, device=offload, dtype=dtype)
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=offload)
     _networks[key] = patcher
     while len(_networks) > CACHED_NETWORKS:

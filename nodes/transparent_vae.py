@@ -51,7 +51,7 @@ PASSES = {"8": 8, "4": 4, "1": 1}
 PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _speed_inputs() -> list[io.Input]:
+def speed_inputs() -> list[io.Input]:
     """Inputs added after the peer pack's ones and optional, so that its saved workflows, UI and
     API format alike, keep their values and still validate."""
     return [
@@ -78,26 +78,39 @@ def _images_input() -> io.Image.Input:
     return io.Image.Input("images", tooltip="VAE Decode's output for the same latents.")
 
 
-def decode_rgba(samples: dict, images: torch.Tensor, sd_version: str, sub_batch_size: int,
-                passes: str = "8", precision: str = "auto") -> torch.Tensor:
-    """[B,H,W,4] RGBA (alpha last, 1 = opaque) for ComfyUI latents and their decoded images."""
-    latent = samples["samples"]
-    pixel = images[..., :3].movedim(-1, 1)
-    check_decode_inputs(pixel, latent, SD_LATENT_CHANNELS)
-    storage = torch.float32 if precision == "float32" else None
-    patcher = model_store.network(TRANSPARENT_DECODERS[sd_version], UNet1024, storage)
+def decoder_weights_dtype(precision: str) -> torch.dtype | None:
+    """float32 weights when asked for; otherwise ComfyUI's choice for the device (None)."""
+    return torch.float32 if precision == "float32" else None
+
+
+def run_transparent_decoder(patcher, pixel: torch.Tensor, latent: torch.Tensor, sub_batch_size: int,
+                            passes: str, precision: str) -> torch.Tensor:
+    """The augmented decode of [B,3,H,W] pixels and their latents with the decoder in `patcher`,
+    on ComfyUI's device after making room, with a progress bar and interruption.
+    Returns [B,4,H,W] float32 on the CPU, channels in the weight file's order."""
     step = min(sub_batch_size, pixel.shape[0])
     dtype_bytes = torch.finfo(patcher.model.conv_in.weight.dtype).bits // 8
     working = step * pixel.shape[-2] * pixel.shape[-1] * DECODE_BYTES_PER_PIXEL * dtype_bytes // 4
     model = model_store.load_to_device(patcher, working)
-
     bar = comfy.utils.ProgressBar(PASSES[passes] * sub_batches(pixel.shape[0], sub_batch_size))
 
     def on_pass() -> None:
         model_management.throw_exception_if_processing_interrupted()
         bar.update(1)
 
-    alpha_rgb = decode_transparent(model, pixel, latent, sub_batch_size, on_pass, PASSES[passes], PRECISIONS[precision])
+    return decode_transparent(model, pixel.cpu(), latent.cpu().float(), sub_batch_size, on_pass, PASSES[passes],
+                              PRECISIONS[precision])
+
+
+def decode_rgba(samples: dict, images: torch.Tensor, sd_version: str, sub_batch_size: int,
+                passes: str = "8", precision: str = "auto") -> torch.Tensor:
+    """[B,H,W,4] RGBA (alpha last, 1 = opaque) for ComfyUI latents and their decoded images."""
+    latent = samples["samples"]
+    pixel = images[..., :3].movedim(-1, 1)
+    check_decode_inputs(pixel, latent, SD_LATENT_CHANNELS)
+    path = model_store.weight_path(TRANSPARENT_DECODERS[sd_version])
+    patcher = model_store.network(path, UNet1024, decoder_weights_dtype(precision))
+    alpha_rgb = run_transparent_decoder(patcher, pixel, latent, sub_batch_size, passes, precision)
     return torch.cat([alpha_rgb[:, 1:], alpha_rgb[:, :1]], dim=1).movedim(1, -1)
 
 
@@ -109,7 +122,7 @@ class LayeredDiffusionDecode(io.ComfyNode):
             display_name="Layer Diffuse Decode",
             category=CATEGORY,
             description="Recover the transparent image from a LayerDiffuse latent and its VAE-decoded image.",
-            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input(), *_speed_inputs()],
+            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input(), *speed_inputs()],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The foreground colours (RGB)."),
                 io.Mask.Output(display_name="MASK", tooltip="The predicted alpha: 1 = opaque, 0 = transparent "
@@ -131,7 +144,7 @@ class LayeredDiffusionDecodeRGBA(io.ComfyNode):
             display_name="Layer Diffuse Decode (RGBA)",
             category=CATEGORY,
             description="Recover the transparent image as one RGBA image; Save Image writes it as a PNG with alpha.",
-            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input(), *_speed_inputs()],
+            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input(), *speed_inputs()],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="RGBA image (4 channels, alpha last).")],
         )
 
@@ -156,7 +169,7 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
                              tooltip="Images per group in the batch: 2 for fg/bg + blended modes, 3 for the joint mode."),
                 _sd_version_input(),
                 _sub_batch_input(),
-                *_speed_inputs(),
+                *speed_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="Layer 1 of every group, decoded to RGBA."),
@@ -178,7 +191,7 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
         return io.NodeOutput(*layers, *([None] * (MAX_FRAMES - frames)))
 
 
-def _alpha_for(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def alpha_for(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """[B,1,H,W] alpha: 1 - mask (LoadImage's convention), else the image's 4th channel, else opaque."""
     b, h, w = image.shape[:3]
     if mask is None:
@@ -191,7 +204,7 @@ def _alpha_for(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (1.0 - mask).expand(b, 1, h, w).clamp(0, 1)
 
 
-def _crop_to_multiple_of_8(x: torch.Tensor) -> torch.Tensor:
+def crop_to_multiple_of_8(x: torch.Tensor) -> torch.Tensor:
     """Centre-crop [B,C,H,W] to multiples of 8, as ComfyUI's VAE Encode does."""
     h, w = x.shape[-2:]
     top, left = (h % 8) // 2, (w % 8) // 2
@@ -245,11 +258,12 @@ class LayeredDiffusionEncode(io.ComfyNode):
         if vae.latent_channels != SD_LATENT_CHANNELS:
             raise ValueError(f"Layer Diffuse Encode: this VAE makes {vae.latent_channels}-channel latents; "
                              f"the {sd_version} transparent encoder is for the 4-channel SD1.5/SDXL VAE")
-        alpha = _crop_to_multiple_of_8(_alpha_for(image, mask))
-        rgb = _crop_to_multiple_of_8(image[..., :3].movedim(-1, 1).float())
+        alpha = crop_to_multiple_of_8(alpha_for(image, mask))
+        rgb = crop_to_multiple_of_8(image[..., :3].movedim(-1, 1).float())
         if min(rgb.shape[-2:]) < 8:
             raise ValueError(f"Layer Diffuse Encode: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
-        patcher = model_store.network(TRANSPARENT_ENCODERS[sd_version], LatentTransparencyOffsetEncoder)
+        patcher = model_store.network(model_store.weight_path(TRANSPARENT_ENCODERS[sd_version]),
+                                      LatentTransparencyOffsetEncoder)
         encoder = model_store.load_to_device(patcher, rgb.numel() * 64)
         offset = transparency_offset(encoder, rgb, alpha)
         mean, std = vae_posterior(vae, rgba.flatten_on_grey(rgb, alpha))

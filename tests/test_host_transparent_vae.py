@@ -253,8 +253,9 @@ def test_encode_is_posterior_mean_plus_std_times_offset(pack, layer_model_dir, s
     rgb, alpha = image[..., :3].movedim(-1, 1), image[..., 3:].movedim(-1, 1)
     mean, std = tv.vae_posterior(sd15_vae, 0.5 + (rgb - 0.5) * alpha)
     torch.testing.assert_close(mean, sd15_vae.encode(0.5 + (image[..., :3] - 0.5) * image[..., 3:]), atol=1e-4, rtol=1e-4)
-    encoder = pack_module("nodes.model_store").network(
-        pack_module("lib_layerdiffuse.weight_files").TRANSPARENT_ENCODERS["SD15"], lib.LatentTransparencyOffsetEncoder).model
+    store = pack_module("nodes.model_store")
+    encoder_file = store.weight_path(pack_module("lib_layerdiffuse.weight_files").TRANSPARENT_ENCODERS["SD15"])
+    encoder = store.network(encoder_file, lib.LatentTransparencyOffsetEncoder).model
     offset = lib.transparency_offset(encoder, rgb, alpha)
     assert offset.abs().max() > 0
     torch.testing.assert_close(z, mean + std * offset, atol=1e-5, rtol=1e-5)
