@@ -32,7 +32,9 @@ from .transparent_vae import (
     alpha_for,
     crop_to_multiple_of_8,
     decoder_weights_dtype,
+    rgba_image_inputs,
     run_transparent_decoder,
+    sub_batch_input,
     vae_posterior,
 )
 
@@ -221,9 +223,7 @@ class LayeredDiffusionFluxDecode(io.ComfyNode):
             inputs=[
                 io.Latent.Input("samples", tooltip="The Flux latents to decode (KSampler's output)."),
                 io.Vae.Input("vae", tooltip="The Flux VAE (Layer Diffuse Flux VAE Loader)."),
-                io.Int.Input("sub_batch_size", default=16, min=1, max=4096, step=1,
-                             tooltip="How many images go through the transparent decoder at once. Lower it if you "
-                                     "run out of memory."),
+                sub_batch_input(),
                 *speed_inputs(),
             ],
             outputs=[
@@ -250,10 +250,7 @@ class LayeredDiffusionFluxEncode(io.ComfyNode):
                         "img2img (KSampler with denoise < 1, then Layer Diffuse Flux Decode).",
             inputs=[
                 io.Vae.Input("vae", tooltip="The Flux VAE (Layer Diffuse Flux VAE Loader)."),
-                io.Image.Input("image", tooltip="The image; if it has 4 channels and no mask is connected, its 4th "
-                               "channel is the alpha."),
-                io.Mask.Input("mask", optional=True, tooltip="Transparency in LoadImage's convention: 1 = transparent, "
-                              "0 = opaque (connect LoadImage's MASK). Without it the image is opaque unless it is RGBA."),
+                *rgba_image_inputs(),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The transparent Flux latent.")],
         )

@@ -40,7 +40,7 @@ def _sd_version_input() -> io.Combo.Input:
     )
 
 
-def _sub_batch_input() -> io.Int.Input:
+def sub_batch_input() -> io.Int.Input:
     return io.Int.Input(
         "sub_batch_size", default=16, min=1, max=4096, step=1,
         tooltip="How many images go through the decoder at once. Lower it if you run out of memory.",
@@ -67,6 +67,16 @@ def speed_inputs() -> list[io.Input]:
                     "bfloat16/float16: half-precision convolutions under autocast, about 2x faster on the "
                     "CPU, max difference about 3e-2 from float32.",
         ),
+    ]
+
+
+def rgba_image_inputs() -> list[io.Input]:
+    """The image to encode and its optional LoadImage-style mask."""
+    return [
+        io.Image.Input("image", tooltip="The image; if it has 4 channels and no mask is connected, "
+                       "its 4th channel is the alpha."),
+        io.Mask.Input("mask", optional=True, tooltip="Transparency in LoadImage's convention: 1 = transparent, "
+                      "0 = opaque (connect LoadImage's MASK). Without it the image is opaque unless it is RGBA."),
     ]
 
 
@@ -122,7 +132,7 @@ class LayeredDiffusionDecode(io.ComfyNode):
             display_name="Layer Diffuse Decode",
             category=CATEGORY,
             description="Recover the transparent image from a LayerDiffuse latent and its VAE-decoded image.",
-            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input(), *speed_inputs()],
+            inputs=[_samples_input(), _images_input(), _sd_version_input(), sub_batch_input(), *speed_inputs()],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The foreground colours (RGB)."),
                 io.Mask.Output(display_name="MASK", tooltip="The predicted alpha: 1 = opaque, 0 = transparent "
@@ -144,7 +154,7 @@ class LayeredDiffusionDecodeRGBA(io.ComfyNode):
             display_name="Layer Diffuse Decode (RGBA)",
             category=CATEGORY,
             description="Recover the transparent image as one RGBA image; Save Image writes it as a PNG with alpha.",
-            inputs=[_samples_input(), _images_input(), _sd_version_input(), _sub_batch_input(), *speed_inputs()],
+            inputs=[_samples_input(), _images_input(), _sd_version_input(), sub_batch_input(), *speed_inputs()],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="RGBA image (4 channels, alpha last).")],
         )
 
@@ -168,7 +178,7 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
                 io.Int.Input("frames", default=2, min=2, max=MAX_FRAMES, step=1,
                              tooltip="Images per group in the batch: 2 for fg/bg + blended modes, 3 for the joint mode."),
                 _sd_version_input(),
-                _sub_batch_input(),
+                sub_batch_input(),
                 *speed_inputs(),
             ],
             outputs=[
@@ -244,10 +254,7 @@ class LayeredDiffusionEncode(io.ComfyNode):
                         "(KSampler with denoise < 1, then Layer Diffuse Decode).",
             inputs=[
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE."),
-                io.Image.Input("image", tooltip="The image; if it has 4 channels and no mask is connected, "
-                               "its 4th channel is the alpha."),
-                io.Mask.Input("mask", optional=True, tooltip="Transparency in LoadImage's convention: 1 = transparent, "
-                              "0 = opaque (connect LoadImage's MASK). Without it the image is opaque unless it is RGBA."),
+                *rgba_image_inputs(),
                 _sd_version_input(),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The transparent latent.")],
