@@ -119,7 +119,8 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1))
+            x = torch.cat([x, skips.pop()], dim=1)  # rebinding frees the input before the resnet runs
+            x = resnet(x)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x)
         if self.upsamplers is not None:
