@@ -8,6 +8,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes import model_store
+from .nodes.apply import APPLY_NODES
 from .nodes.flux import FLUX_NODES
 from .nodes.transparent_vae import TRANSPARENT_VAE_NODES
 
@@ -15,7 +16,7 @@ from .nodes.transparent_vae import TRANSPARENT_VAE_NODES
 class LayerDiffuseExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*TRANSPARENT_VAE_NODES, *FLUX_NODES]
+        return [*APPLY_NODES, *TRANSPARENT_VAE_NODES, *FLUX_NODES]
 
 
 async def comfy_entrypoint() -> LayerDiffuseExtension:
