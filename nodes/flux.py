@@ -47,7 +47,6 @@ LORA_NAME = "layerlora.safetensors"
 def transparent_vae_path() -> str:
     """TransparentVAE.safetensors in a layer_model folder; made from TransparentVAE.pth (found
     there or downloaded from its official URL) on first use."""
-    model_store.register_folder()
     path = folder_paths.get_full_path(model_store.FOLDER, flux_vae.SAFETENSORS_NAME)
     if path is not None:
         return path

@@ -39,8 +39,8 @@ def register_folder() -> None:
 
 
 def weight_path(weight_file: WeightFile) -> str:
-    """The file's path in a layer_model folder, downloaded from its official URL if missing."""
-    register_folder()
+    """The file's path in a layer_model folder, downloaded from its official URL if missing.
+    (The folder is registered once, by the pack's entry point.)"""
     path = folder_paths.get_full_path(FOLDER, weight_file.name)
     if path is not None:
         return path

@@ -5,7 +5,6 @@ saved workflows."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
