@@ -18,6 +18,8 @@ import comfy.conds
 import comfy.hooks
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management as model_management
+import comfy.patcher_extension
+import comfy.sampler_helpers
 import comfy.supported_models
 from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
@@ -30,6 +32,8 @@ from . import model_store
 CATEGORY = "layer_diffuse"
 UNET_PREFIX = "diffusion_model."
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
+WRAPPER_KEY = "layerdiffuse_stop_at"
+SHARING_BYTES = "layerdiffuse_sharing_bytes"
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,11 @@ def apply_attention_sharing(model, mode: Mode, strength: float = 1.0, stop_at: f
     )
     for key, module in zip(keys, sharing.shared_attention_modules(originals, weights, state, dtype=unet_dtype)):
         work.add_object_patch(key, module)
+    # the modules join the UNet when ComfyUI loads it: count them in the size it plans memory with
+    # (replacing what an earlier sharing patch on this clone added)
+    extra = model_management.module_size(weights)
+    work.size = model.model_size() - (model.get_attachment(SHARING_BYTES) or 0) + extra
+    work.set_attachments(SHARING_BYTES, extra)
     return work
 
 
@@ -196,27 +205,75 @@ def apply_weight_patches(model, patches: Sequence[patch_files.WeightPatch], stre
     return work
 
 
+def apply_stoppable_weight_patches(model, patches: Sequence[patch_files.WeightPatch], strength: float,
+                                   stop_at: float):
+    """A clone of `model` whose patches act until stop_at and not after. The node has no
+    conditioning to carry ComfyUI's weight hook, so an OUTER_SAMPLE wrapper gives it to every
+    conditioning the sampler was handed, for the part of its range before stop_at."""
+    work, hooks = _stoppable_patches(model, patches, strength)
+    work.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
+                              _hooked_until(hooks, stop_at))
+    return work
+
+
+def _hooked_until(hooks, stop_at: float):
+    def outer_sample(executor, *args, **kwargs):
+        guider = executor.class_obj
+        cache = {}
+        guider.conds = {name: [part for entry in entries for part in split_at(entry, stop_at, _with_hooks(entry, hooks, cache))]
+                        for name, entries in guider.conds.items()}
+        _register_weight_hooks(guider)
+        return executor(*args, **kwargs)
+    return outer_sample
+
+
+def _register_weight_hooks(guider) -> None:
+    """Register the weight hooks now on the guider's conditioning, as ComfyUI does for hooks that
+    came with the prompt before this wrapper ran (it re-registers those together with ours)."""
+    hooks = comfy.hooks.HookGroup()
+    for entries in guider.conds.values():
+        comfy.sampler_helpers.get_hooks_from_cond(entries, hooks)
+    registered = guider.model_options.get("registered_hooks") or comfy.hooks.HookGroup()
+    target = comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model)
+    guider.model_options["registered_hooks"] = guider.model_patcher.register_all_hook_patches(
+        hooks, target, guider.model_options, registered)
+
+
 def with_concat(conditioning, c_concat: torch.Tensor, stop_at: float = 1.0, hooks=None):
     """A copy of `conditioning` whose entries feed `c_concat` to the model (cond and uncond alike).
     With stop_at < 1 each entry is split in time: until stop_at it carries the concat (and
     `hooks`, the mode's weight patches), after it the plain entry."""
-    out = []
+    out, cache = [], {}
     for tensor, options in conditioning:
         patched = dict(options)
         patched["model_conds"] = {**options.get("model_conds", {}), "c_concat": comfy.conds.CONDRegular(c_concat)}
         if stop_at >= 1.0:
             out.append([tensor, patched])
             continue
-        start = options.get("start_percent", 0.0)
-        end = options.get("end_percent", 1.0)
-        split = min(max(stop_at, start), end)
-        if split > start:
-            if hooks is not None:
-                patched = comfy.hooks.set_hooks_for_conditioning([[tensor, patched]], hooks)[0][1]
-            out.append([tensor, {**patched, "start_percent": start, "end_percent": split}])
-        if split < end:
-            out.append([tensor, {**options, "start_percent": split, "end_percent": end}])
+        if hooks is not None:
+            patched = _with_hooks(patched, hooks, cache)
+        out.extend([tensor, part] for part in split_at(options, stop_at, patched))
     return out
+
+
+def split_at(options: dict, stop_at: float, active: dict) -> list[dict]:
+    """One conditioning entry cut in time at stop_at: `active` (the entry with the mode) before
+    it, the plain `options` after it; parts outside the entry's own range are left out."""
+    start = options.get("start_percent", 0.0)
+    end = options.get("end_percent", 1.0)
+    split = min(max(stop_at, start), end)
+    parts = []
+    if split > start:
+        parts.append({**active, "start_percent": start, "end_percent": split})
+    if split < end:
+        parts.append({**options, "start_percent": split, "end_percent": end})
+    return parts
+
+
+def _with_hooks(options: dict, hooks, cache: dict) -> dict:
+    """`options` with `hooks` added to any it already has (ComfyUI's own combining, shared
+    combinations cached so that entries with equal hooks still batch together)."""
+    return comfy.hooks.conditioning_set_values_with_hooks([[None, options]], {"hooks": hooks}, cache=cache)[0][1]
 
 
 def apply_concat_mode(model, mode: Mode, cond, uncond, latents: Sequence[torch.Tensor], strength: float,
@@ -349,11 +406,10 @@ class LayeredDiffusionApply(io.ComfyNode):
         check_family(model, mode)
         if mode.attention_sharing:
             return io.NodeOutput(apply_attention_sharing(model, mode, strength=weight, stop_at=stop_at))
+        patches = load_patches(model, mode)
         if stop_at < 1.0:
-            raise LayerDiffuseModelError(
-                "stop_at below 1 is supported by the SD1.5 modes and the SDXL Cond/Diff nodes; for the SDXL "
-                "foreground modes use two KSamplerAdvanced nodes (the second with the unpatched model).")
-        return io.NodeOutput(apply_weight_patches(model, load_patches(model, mode), weight))
+            return io.NodeOutput(apply_stoppable_weight_patches(model, patches, weight, stop_at))
+        return io.NodeOutput(apply_weight_patches(model, patches, weight))
 
 
 class LayeredDiffusionJointApply(io.ComfyNode):

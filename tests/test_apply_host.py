@@ -151,9 +151,79 @@ def test_concat_mode_stop_at_drops_weights_and_concat(apply_module, sd15_model, 
     assert torch.equal(sample_evals(sd15_model, g, [high, low])[1], base_second)
 
 
-def test_sdxl_foreground_modes_refuse_stop_at(apply_module, sdxl_meta):
-    with pytest.raises(apply_module.LayerDiffuseModelError, match="stop_at below 1"):
-        apply_module.LayeredDiffusionApply.execute(sdxl_meta, "SDXL, Conv Injection", 1.0, 0.5)
+def _synthetic_lora_patches(patch_files, tmp_path):
+    """Same-shape patches for the SD1.5 UNet (an attention LoRA and a conv diff), like the SDXL
+    foreground files hold."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(4)
+    q = "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight"
+    state = {
+        f"{q}::lora::0": torch.randn(1280, 8, generator=gen) * 0.05,
+        f"{q}::lora::1": torch.randn(8, 1280, generator=gen) * 0.05,
+        "diffusion_model.input_blocks.1.0.in_layers.2.weight::diff::0": torch.randn(320, 320, 3, 3, generator=gen) * 0.005,
+    }
+    path = tmp_path / "fg_test.safetensors"
+    save_file(state, str(path))
+    return patch_files.parse_patch_file(dict(state), path.name)
+
+
+def _lora_hook_conditioning(cond, strength=1.0):
+    """`cond` with a user's ComfyUI LoRA hook (as the core 'Create Hook LoRA' nodes make one)."""
+    import comfy.hooks
+    from comfy.weight_adapter import LoRAAdapter
+
+    gen = torch.Generator().manual_seed(6)
+    k = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    lora = {"layer.lora_up.weight": torch.randn(1280, 4, generator=gen) * 0.2,
+            "layer.lora_down.weight": torch.randn(4, 768, generator=gen) * 0.2}
+    hook = comfy.hooks.WeightHook(strength_model=strength, strength_clip=0.0)
+    hook.weights = {k: LoRAAdapter(set(), (lora["layer.lora_up.weight"], lora["layer.lora_down.weight"], None, None, None, None))}
+    hook.need_weight_init = False
+    group = comfy.hooks.HookGroup()
+    group.add(hook)
+    return comfy.hooks.set_hooks_for_conditioning(cond, group)
+
+
+def test_weight_patches_stop_at_without_conditioning(apply_module, sd15_model, goldens, tmp_path):
+    """The SDXL foreground nodes' stop_at (weight patches, no conditioning passes through the
+    node): run on the SD1.5 UNet with same-shape synthetic patches."""
+    g = goldens[TRANSPARENT]
+    patches = _synthetic_lora_patches(apply_module.patch_files, tmp_path)
+    high, low = float(g["input.sigma"][0]), 0.5
+    stop = percent_between(sd15_model, high, low)
+    full = apply_module.apply_weight_patches(sd15_model, patches, 1.0)
+    stopping = apply_module.apply_stoppable_weight_patches(sd15_model, patches, 1.0, stop)
+    full_first, _ = sample_evals(full, g, [high, low])
+    base_first, base_second = sample_evals(sd15_model, g, [high, low])
+    for _ in range(2):  # the same model samples twice: registration must not pile up
+        first, second = sample_evals(stopping, g, [high, low])
+        assert (first - full_first).abs().max() < 1e-4  # before stop_at: the patched weights
+        assert torch.equal(second, base_second)  # after it: the checkpoint's own weights
+    assert (first - base_first).abs().max() > 0.1
+    zero = apply_module.apply_stoppable_weight_patches(sd15_model, patches, 1.0, 0.0)
+    assert torch.equal(sample_once(zero, g), sample_once(sd15_model, g))
+    assert torch.equal(sample_evals(sd15_model, g, [high, low])[1], base_second)  # nothing leaked
+
+
+def test_weight_patches_stop_at_keeps_the_prompts_own_hooks(apply_module, sd15_model, goldens, tmp_path):
+    """A ComfyUI LoRA hook on the prompt still acts alongside the stopping patches, before and
+    after stop_at."""
+    g = goldens[TRANSPARENT]
+    patches = _synthetic_lora_patches(apply_module.patch_files, tmp_path)
+    high, low = float(g["input.sigma"][0]), 0.5
+    stop = percent_between(sd15_model, high, low)
+    cond = _lora_hook_conditioning([[g["input.cond_context"], {}]])
+    uncond = [[g["input.uncond_context"], {}]]
+    hooked_first, hooked_second = sample_evals(sd15_model, g, [high, low], cond, uncond)
+    plain_second = sample_evals(sd15_model, g, [high, low])[1]
+    assert (hooked_second - plain_second).abs().max() > 1e-3  # the prompt's hook acts
+    full = apply_module.apply_weight_patches(sd15_model, patches, 1.0)
+    full_first, _ = sample_evals(full, g, [high, low], cond, uncond)
+    stopping = apply_module.apply_stoppable_weight_patches(sd15_model, patches, 1.0, stop)
+    first, second = sample_evals(stopping, g, [high, low], cond, uncond)
+    assert (first - full_first).abs().max() < 1e-4 and (first - hooked_first).abs().max() > 0.1
+    assert (second - hooked_second).abs().max() < 1e-5
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -206,6 +276,20 @@ def test_no_leak_and_two_modes_in_one_graph(apply_module, sd15_model, goldens, u
         assert torch.equal(sample_once(sd15_model, goldens[stem]), unpatched[stem])
     assert _attention_classes(sd15_model) == {"CrossAttention"}
     assert not sd15_model.object_patches
+
+
+def test_model_size_counts_the_sharing_weights(apply_module, sd15_model, goldens, testkit, synth_weights):
+    import comfy.model_management
+
+    base = sd15_model.model_size()
+    fg = golden_patch(apply_module, TRANSPARENT, sd15_model, testkit, synth_weights, goldens[TRANSPARENT])
+    modules = {id(m.sharing): m.sharing for m in fg.object_patches.values()}
+    layer_bytes = sum(comfy.model_management.module_size(m) for m in modules.values())
+    assert layer_bytes > 0.1 * base and fg.model_size() >= base + layer_bytes
+    again = golden_patch(apply_module, JOINT, fg, testkit, synth_weights, goldens[JOINT])
+    joint = golden_patch(apply_module, JOINT, sd15_model, testkit, synth_weights, goldens[JOINT])
+    assert again.model_size() == joint.model_size() > fg.model_size()  # replaced, not added
+    assert sd15_model.model_size() == base
 
 
 def test_reapplying_replaces_the_previous_mode(apply_module, sd15_model, goldens, testkit, synth_weights):

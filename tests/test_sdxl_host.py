@@ -101,7 +101,7 @@ def test_sdxl_modes_sample_end_to_end(apply_module, sdxl_tiny, sdxl_layer_folder
     assert torch.equal(sample_once(sdxl_tiny, sdxl_inputs, cond=sdxl_inputs["cond"], uncond=sdxl_inputs["uncond"]), plain)
 
 
-@pytest.mark.parametrize("node,config,n_latents,stem", SDXL_NODE_CALLS[2:], ids=[c[3] for c in SDXL_NODE_CALLS[2:]])
+@pytest.mark.parametrize("node,config,n_latents,stem", SDXL_NODE_CALLS, ids=[c[3] for c in SDXL_NODE_CALLS])
 def test_sdxl_stop_at_on_the_sdxl_unet(apply_module, sdxl_tiny, sdxl_layer_folder, sdxl_inputs, node, config, n_latents, stem):
     import folder_paths
 
