@@ -10,8 +10,8 @@ its own. Prints one table: median time, speedup over the baseline, peak memory, 
     python benchmarks/bench_transparent_vae.py --sizes 512 --precision bfloat16 --passes 4
     python benchmarks/bench_transparent_vae.py --device cuda            # float16, as the nodes' "auto"
 
---precision is the decode nodes' setting: auto (float16 weights on CUDA, float32 on the CPU),
-float32, or bfloat16/float16 autocast.
+--precision is the decode nodes' setting: auto (float16 on CUDA, float32 on the CPU), float32,
+bfloat16 or float16 (the network in that dtype, its input convolutions in float32).
 
 Weights are random (seeded): speed does not depend on their values.
 """
@@ -102,6 +102,69 @@ def baseline_decode(sd: dict, pixel: torch.Tensor, latent: torch.Tensor) -> torc
     return torch.stack(passes).median(dim=0).values
 
 
+def reference_decoder(sd: dict) -> torch.nn.Module:
+    """The decoder as the existing LayerDiffuse packs run it: diffusers' UNet blocks in a module
+    tree whose names are the official file's. Needs `diffusers` (not a dependency of the pack:
+    `pip install --target DIR diffusers` and put DIR on PYTHONPATH for this comparison only)."""
+    from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+
+    from lib_layerdiffuse.unet1024 import BLOCK_CHANNELS as ch
+
+    common = dict(temb_channels=None, resnet_eps=1e-5, resnet_act_fn="silu", resnet_groups=4, attention_head_dim=8,
+                  resnet_time_scale_shift="default", dropout=0.0)
+    rev = list(reversed(ch))
+
+    class Reference(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv2d(3, ch[0], 3, padding=1)
+            self.latent_conv_in = torch.nn.Conv2d(4, ch[2], 1)
+            self.down_blocks = torch.nn.ModuleList(
+                get_down_block("AttnDownBlock2D" if i >= 4 else "DownBlock2D", num_layers=2, in_channels=ch[max(i - 1, 0)],
+                               out_channels=ch[i], add_downsample=i < 6, downsample_padding=1, downsample_type="conv",
+                               **common) for i in range(7))
+            self.mid_block = UNetMidBlock2D(in_channels=ch[-1], output_scale_factor=1, attn_groups=None,
+                                            add_attention=True, **common)
+            self.up_blocks = torch.nn.ModuleList(
+                get_up_block("AttnUpBlock2D" if i < 3 else "UpBlock2D", num_layers=3, in_channels=rev[min(i + 1, 6)],
+                             out_channels=rev[i], prev_output_channel=rev[max(i - 1, 0)], add_upsample=i < 6,
+                             resolution_idx=i, upsample_type="conv", **common) for i in range(7))
+            self.conv_norm_out = torch.nn.GroupNorm(4, ch[0], eps=1e-5)
+            self.conv_out = torch.nn.Conv2d(ch[0], 4, 3, padding=1)
+
+        def forward(self, pixel, latent):
+            injected = self.latent_conv_in(latent)
+            x = self.conv_in(pixel)
+            skips = (x,)
+            for i, block in enumerate(self.down_blocks):
+                if i == 3:
+                    x = x + injected
+                x, res = block(hidden_states=x, temb=None)
+                skips += res
+            x = self.mid_block(x, None)
+            for block in self.up_blocks:
+                n = len(block.resnets)
+                x, skips = block(x, skips[-n:], None), skips[:-n]
+            return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    model = Reference()
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def reference_decode(model: torch.nn.Module, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """The existing packs' augmented decode: cloned, flipped and rotated (strided) inputs."""
+    passes = []
+    for flip in (False, True):
+        for k in range(4):
+            p, z = pixel.clone(), latent.clone()
+            if flip:
+                p, z = torch.flip(p, dims=(3,)), torch.flip(z, dims=(3,))
+            y = torch.rot90(model(torch.rot90(p, k, (2, 3)), torch.rot90(z, k, (2, 3))).clip(0, 1), -k, (2, 3))
+            passes.append(torch.flip(y, dims=(3,)) if flip else y)
+    return torch.stack(passes).median(dim=0).values
+
+
 def baseline_encode(sd: dict, feed: torch.Tensor) -> torch.Tensor:
     x = feed
     for i in range(0, 17, 2):
@@ -145,20 +208,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def measure(args) -> dict:
     device = args.device
     on_gpu = device.startswith("cuda")
-    dtype = torch.float16 if on_gpu and args.precision != "float32" else torch.float32
-    autocast = PRECISIONS[args.precision]
+    dtype = PRECISIONS[args.precision] or (torch.float16 if on_gpu else torch.float32)
     pixel, latent, feed = _inputs(args.size, args.batch)
     if args.network == "decoder":
         sd = _weights(UNet1024, 0)
     else:
         sd = _weights(LatentTransparencyOffsetEncoder, 1)
-    if args.impl == "baseline":
+    if args.impl == "reference":
+        model = reference_decoder(sd).to(device)
+        run = lambda: reference_decode(model, pixel.to(device), latent.to(device))  # noqa: E731
+    elif args.impl == "baseline":
         sd = {k: v.to(device) for k, v in sd.items()}
         run = (lambda: baseline_decode(sd, pixel.to(device), latent.to(device))) if args.network == "decoder" \
             else (lambda: baseline_encode(sd, feed.to(device)))
@@ -168,11 +233,9 @@ def measure(args) -> dict:
         del sd  # the model holds its own (re-laid-out) copy
         if args.network == "decoder":
             run = lambda: decode_transparent(model, pixel.to(device), latent.to(device), args.batch,  # noqa: E731
-                                             passes=args.passes, autocast_dtype=autocast)
+                                             passes=args.passes)
         else:
-            def run():
-                with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
-                    return model(feed.to(device, dtype).contiguous(memory_format=torch.channels_last))
+            run = lambda: model(feed.to(device, dtype).contiguous(memory_format=torch.channels_last))  # noqa: E731
     with torch.inference_mode():
         run()  # warm-up: first calls pick kernels and allocate
     if device.startswith("cuda"):
@@ -216,6 +279,8 @@ def main() -> None:
     parser.add_argument("--networks", nargs="+", default=["decoder", "encoder"], choices=["decoder", "encoder"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time the decoder as the existing packs build it (needs diffusers importable)")
     # worker-only
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -238,6 +303,10 @@ def main() -> None:
                 args, size=size, network=network, impl="baseline", precision="float32", passes=8)
             ours, out = _run_worker(args, size=size, network=network, impl="ours")
             rows = ([("baseline", base, base_out)] if base else []) + [("ours", ours, out)]
+            if args.reference and network == "decoder":
+                ref, ref_out = _run_worker(args, size=size, network=network, impl="reference", precision="float32",
+                                           passes=8)
+                rows.insert(1, ("reference", ref, ref_out))
             base_time = sorted(base["times"])[len(base["times"]) // 2] if base else None
             for name, result, output in rows:
                 median = sorted(result["times"])[len(result["times"]) // 2]

@@ -45,7 +45,7 @@ def decode_augmented_passes(
     outputs = []
     for flip, turns in PASS_SETS[passes]:
         p, z = (_transform(t, flip, turns).contiguous(memory_format=torch.channels_last) for t in (pixel, latent))
-        out = model(p, z).float().clamp_(0, 1)  # the median in float32 also under autocast
+        out = model(p, z).float().clamp_(0, 1)  # the median in float32 also for a half-precision network
         outputs.append(_untransform(out, flip, turns))
         if on_pass is not None:
             on_pass()
@@ -104,27 +104,24 @@ def decode_transparent(
     sub_batch_size: int,
     on_pass: Optional[Callable[[], None]] = None,
     passes: int = 8,
-    autocast_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Augmented transparent decode of any size that is a multiple of 8.
 
     pixel [B,3,H,W] in [0,1] and latent [B,C,H/8,W/8], on any device: each sub-batch moves to
-    the model's device and dtype. Returns [B,4,H,W] float32 on pixel's device, channels in the
-    weight file's order. `on_pass` is called after every network pass (`passes` per sub-batch).
-    `autocast_dtype` (bfloat16/float16) runs convolutions and matmuls in half precision under
-    torch.autocast, normalisations in float32: faster, slightly different.
+    the model's device. Returns [B,4,H,W] float32 on pixel's device, channels in the weight
+    file's order. `on_pass` is called after every network pass (`passes` per sub-batch). The
+    network's own dtype (see UNet1024.compute_dtype) sets the precision.
     """
     check_decode_inputs(pixel, latent, model.latent_conv_in.in_channels)
     weight = model.conv_in.weight
     h, w = pixel.shape[-2:]
     step = max(1, sub_batch_size)
     outputs = []
-    with torch.autocast(weight.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        for start in range(0, pixel.shape[0], step):
-            p, z = (t[start : start + step].to(device=weight.device, dtype=weight.dtype) for t in (pixel, latent))
-            p, z = _pad_to_multiple(p, z)
-            decoded = decode_augmented(model, p, z, on_pass, passes)
-            outputs.append(decoded[..., :h, :w].to(pixel.device, torch.float32))
+    for start in range(0, pixel.shape[0], step):
+        p, z = (t[start : start + step].to(device=weight.device, dtype=weight.dtype) for t in (pixel, latent))
+        p, z = _pad_to_multiple(p, z)
+        decoded = decode_augmented(model, p, z, on_pass, passes)
+        outputs.append(decoded[..., :h, :w].to(pixel.device, torch.float32))
     return torch.cat(outputs)
 
 

@@ -76,13 +76,40 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def _fold_taps(w: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
+    """The 3 taps of a 3x3 kernel along `dim`, folded to the 2 that one phase of a nearest 2x
+    upsampling sees: phase 0 reads the previous and the current source pixel (taps 0 | 1+2),
+    phase 1 the current and the next (taps 0+1 | 2)."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], dim)
+
+
+def subpixel_weight(w: torch.Tensor) -> torch.Tensor:
+    """[O,I,3,3] -> [4O,I,2,2]: a 3x3 convolution of the nearest-2x-upsampled image, as one 2x2
+    convolution of the image per output phase (row phase a, column phase b at 2a+b)."""
+    w = w.float()
+    phases = [_fold_taps(_fold_taps(w, 2, a), 3, b) for a in (0, 1) for b in (0, 1)]
+    return torch.cat(phases)
+
+
 class Upsample(nn.Module):
+    """Nearest 2x upsampling and a 3x3 convolution, computed without building the upsampled
+    image: 4 output phases x 2x2 taps instead of 9 taps on 4x the pixels (2.25x fewer FLOPs)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        b, _, h, w = x.shape
+        weight, bias = self.conv.weight, self.conv.bias
+        o = weight.shape[0]
+        # padding 1 on a 2x2 kernel: output (h+1, w+1); phase (a, b) is the window at offset (a, b)
+        phases = F.conv2d(x, subpixel_weight(weight).to(weight), bias.repeat(4), padding=1)
+        out = torch.empty(b, o, 2 * h, 2 * w, dtype=phases.dtype, device=phases.device, memory_format=torch.channels_last)
+        for i, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            out[:, :, a::2, c::2] = phases[:, i * o:(i + 1) * o, a:a + h, c:c + w]
+        return out
 
 
 class DownBlock(nn.Module):
@@ -141,9 +168,14 @@ class MidBlock(nn.Module):
 class UNet1024(nn.Module):
     """Transparent decoder: (pixel [B,3,H,W] in [0,1], latent [B,C,H/8,W/8]) -> [B,4,H,W].
 
-    H and W must be multiples of SIZE_MULTIPLE. Output channel 0 is alpha for the SD/SDXL files.
+    H and W must be multiples of SIZE_MULTIPLE. Output channel 0 is alpha for the SD/SDXL files;
+    the output has the body's dtype (`compute_dtype`).
     `latent_channels` is 4 for SD1.5/SDXL and 16 for the Flux port.
     """
+
+    # In a half-precision network the input convolutions stay float32 (build_model keeps them):
+    # rounding the image and the latent themselves would be the largest single error.
+    FLOAT32_MODULES = ("conv_in", "latent_conv_in")
 
     def __init__(self, latent_channels: int = 4, in_channels: int = 3, out_channels: int = 4):
         super().__init__()
@@ -173,12 +205,14 @@ class UNet1024(nn.Module):
         self.conv_norm_out = _norm(ch[0])
         self.conv_out = nn.Conv2d(ch[0], out_channels, 3, padding=1)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the network body computes in: its weights' (the input convs may differ)."""
+        return self.conv_out.weight.dtype
+
     def forward(self, pixel: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        # The input convolutions run at the weights' precision even under autocast: rounding the
-        # image itself to bfloat16 is the largest single error of a half-precision decode.
-        with torch.autocast(pixel.device.type, enabled=False):
-            x = self.conv_in(pixel)
-            injected = self.latent_conv_in(latent)
+        x = self.conv_in(pixel.to(self.conv_in.weight.dtype)).to(self.compute_dtype)
+        injected = self.latent_conv_in(latent.to(self.latent_conv_in.weight.dtype)).to(self.compute_dtype)
         skips = [x]
         for i, block in enumerate(self.down_blocks):
             if i == LATENT_INJECTION_BLOCK:

@@ -127,9 +127,12 @@ def build_model(factory: Callable[[], nn.Module], state_dict: Mapping[str, torch
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """Build a network without allocating its random init (meta device), load the file's tensors
     strictly and move it to `device`/`dtype` in inference mode. Convolution weights are stored
-    channels-last, the faster layout for these small-channel convolutions on CPU and GPU."""
+    channels-last, the faster layout for these small-channel convolutions on CPU and GPU.
+    Submodules a network lists in `FLOAT32_MODULES` stay float32 whatever `dtype` is."""
     with torch.device("meta"):
         module = factory()
     load_strict(module, state_dict, file_name)
     module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    for name in getattr(module, "FLOAT32_MODULES", ()):
+        module.get_submodule(name).float()
     return module.eval().requires_grad_(False)

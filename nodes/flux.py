@@ -146,7 +146,7 @@ def decode_rgba(samples: dict, vae, sub_batch_size: int, passes: str = "8", prec
     pixel = decode_unclamped(vae, latent)
     patcher = network(flux_vae.DECODER, flux_vae.decoder, decoder_weights_dtype(precision))
     # The Flux files predict R,G,B,A: already the IMAGE channel order.
-    return run_transparent_decoder(patcher, pixel, latent, sub_batch_size, passes, precision).movedim(1, -1)
+    return run_transparent_decoder(patcher, pixel, latent, sub_batch_size, passes).movedim(1, -1)
 
 
 def encode_rgba(vae, image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

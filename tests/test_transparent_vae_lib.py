@@ -88,7 +88,7 @@ def test_decoder_augmented_matches_golden(decoder, golden):
     assert (mean_of_middle - golden["decoder.augmented"]).abs().max() > 10 * ATOL
 
 
-def test_fewer_passes_and_half_precision(decoder, golden):
+def test_fewer_passes(decoder, golden):
     pixel, latent = golden["decoder.pixel"], golden["decoder.latent"]
     calls = []
     four = decode_transparent(decoder, pixel, latent, 1, on_pass=lambda: calls.append(1), passes=4)
@@ -97,9 +97,18 @@ def test_fewer_passes_and_half_precision(decoder, golden):
     torch.testing.assert_close(four, passes.median(dim=0).values, atol=ATOL, rtol=0)
     one = decode_transparent(decoder, pixel, latent, 1, passes=1)
     torch.testing.assert_close(one, golden["decoder.single_pass"].clamp(0, 1), atol=ATOL, rtol=0)
-    half = decode_transparent(decoder, pixel, latent, 1, autocast_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
+def test_half_precision_network(float32_state_dicts, golden, dtype, tolerance):
+    """The body in half precision, the input convolutions in float32 (the image and the latent
+    are not rounded), the output float32."""
+    half_decoder = build_model(UNet1024, float32_state_dicts("vae_transparent_decoder"), "decoder", dtype=dtype)
+    assert half_decoder.compute_dtype == dtype and half_decoder.down_blocks[0].resnets[0].conv1.weight.dtype == dtype
+    assert half_decoder.conv_in.weight.dtype == half_decoder.latent_conv_in.weight.dtype == torch.float32
+    half = decode_transparent(half_decoder, golden["decoder.pixel"], golden["decoder.latent"], 1)
     assert half.dtype == torch.float32
-    assert 0 < (half - golden["decoder.augmented"]).abs().max() < 3e-2
+    assert 0 < (half - golden["decoder.augmented"]).abs().max() < tolerance
 
 
 def test_decode_transparent_of_aligned_size_is_the_augmented_decode(decoder, golden):
@@ -220,3 +229,16 @@ def test_saved_and_reloaded_network_is_identical(tmp_path, decoder):
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(path))
     again = build_model(UNet1024, read_safetensors(str(path)), path.name)
     assert all(torch.equal(a, b) for a, b in zip(decoder.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 5, 7), (2, 16, 4, 4)])
+def test_upsample_is_nearest_2x_then_conv(shape):
+    from lib_layerdiffuse.unet1024 import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(shape[1]).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        torch.testing.assert_close(up(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(up(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5, rtol=0)
