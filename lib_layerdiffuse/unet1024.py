@@ -99,13 +99,25 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        # The folded kernel, made from conv.weight on first use. A non-persistent buffer: out of
+        # the state dict (the file's layout is unchanged), moved with the module when ComfyUI
+        # loads or offloads it.
+        self.register_buffer("phase_weight", None, persistent=False)
+        self._folded_from = None
+
+    def _phase_weight(self) -> torch.Tensor:
+        weight = self.conv.weight
+        source = (weight.data_ptr(), weight.dtype, weight.device)
+        if self._folded_from != source:
+            self.phase_weight = subpixel_weight(weight).to(dtype=weight.dtype, memory_format=torch.channels_last)
+            self._folded_from = source
+        return self.phase_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        weight, bias = self.conv.weight, self.conv.bias
-        o = weight.shape[0]
-        # padding 1 on a 2x2 kernel: output (h+1, w+1); phase (a, b) is the window at offset (a, b)
-        phases = F.conv2d(x, subpixel_weight(weight).to(weight), bias.repeat(4), padding=1)
+        o = self.conv.out_channels
+        # padding 1 on a 2x2 kernel: (h+1, w+1) windows; phase (a, b) is the window at offset (a, b)
+        phases = F.conv2d(x, self._phase_weight(), self.conv.bias.repeat(4), padding=1)
         out = torch.empty(b, o, 2 * h, 2 * w, dtype=phases.dtype, device=phases.device, memory_format=torch.channels_last)
         for i, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
             out[:, :, a::2, c::2] = phases[:, i * o:(i + 1) * o, a:a + h, c:c + w]

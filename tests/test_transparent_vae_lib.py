@@ -242,3 +242,10 @@ def test_upsample_is_nearest_2x_then_conv(shape):
         expected = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
         torch.testing.assert_close(up(x), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(up(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5, rtol=0)
+        # the folded kernel is derived state: out of the state dict, refolded when the weight changes
+        assert set(up.state_dict()) == {"conv.weight", "conv.bias"}
+        up.conv.weight = torch.nn.Parameter(torch.randn_like(up.conv.weight))
+        expected = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        torch.testing.assert_close(up(x), expected, atol=1e-4, rtol=0)  # outputs ~20 now
+        up.double()
+        torch.testing.assert_close(up(x.double()), expected.double(), atol=1e-4, rtol=0)
