@@ -13,7 +13,9 @@ its own. Prints one table: median time, speedup over the baseline, peak memory, 
 --precision is the decode nodes' setting: auto (float16 on CUDA, float32 on the CPU), float32,
 bfloat16 or float16 (the network in that dtype, its input convolutions in float32).
 
-Weights are random (seeded): speed does not depend on their values.
+Weights are random (seeded): speed does not depend on their values. The workers inherit the
+environment, so `THP_MEM_ALLOC_ENABLE=1 python benchmarks/...` times both sides with torch's large
+CPU tensors on transparent huge pages (the header says whether it is set).
 """
 from __future__ import annotations
 
@@ -295,7 +297,8 @@ def main() -> None:
         return
 
     print(f"device={args.device} precision={args.precision} passes={args.passes} batch={args.batch} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+          f"threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
     print(f"{'network':8} {'size':>5} {'impl':9} {'median s':>9} {'speedup':>8} {'peak MiB':>9} {'max|diff|':>10}")
     for network in args.networks:
         for size in args.sizes:

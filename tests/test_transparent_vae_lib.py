@@ -249,3 +249,24 @@ def test_upsample_is_nearest_2x_then_conv(shape):
         torch.testing.assert_close(up(x), expected, atol=1e-4, rtol=0)  # outputs ~20 now
         up.double()
         torch.testing.assert_close(up(x.double()), expected.double(), atol=1e-4, rtol=0)
+
+
+def test_group_norm_is_precise_on_large_channels_last_maps():
+    from lib_layerdiffuse.unet1024 import PRECISE_NORM_PIXELS, GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 32, eps=1e-5).eval()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    # two images just above the threshold, channels offset from zero as real activations are
+    x = torch.randn(2, 32, 520, 512) * 2 + torch.linspace(-3, 3, 32).view(1, 32, 1, 1)
+    assert 520 * 512 > PRECISE_NORM_PIXELS
+    with torch.inference_mode():
+        expected = torch.nn.functional.group_norm(x.double(), 4, norm.weight.double(), norm.bias.double(), 1e-5)
+        out = norm(x.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert (out.double() - expected).abs().max() < 1e-5  # torch's channels-last kernel: 6e-4 here
+        # NCHW, small maps and other dtypes are torch's own kernel
+        small = x[:, :, :64, :64].contiguous(memory_format=torch.channels_last)
+        assert torch.equal(norm(small), torch.nn.functional.group_norm(small, 4, norm.weight, norm.bias, 1e-5))
+        assert torch.equal(norm(x), torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-5))
