@@ -21,26 +21,27 @@ HEAD_DIM = 8
 SIZE_MULTIPLE = 2 ** (len(BLOCK_CHANNELS) - 1)
 
 
-# Above this many pixels a float32 channels-last map is normalised from statistics computed here
-# (see GroupNorm); below it torch's own kernel is both fast and precise.
+# Above this many pixels a float32 channels-last map on the CPU is normalised from statistics
+# computed here (see GroupNorm); below it torch's own kernel is both fast and precise.
 PRECISE_NORM_PIXELS = 512 * 512
 
 
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters) whose statistics stay precise on large channels-last maps.
 
-    torch's channels-last float32 kernel accumulates the statistics of a whole group in float32,
-    so on a 1024x1024 map its output drifts by about 1e-4 from a float64 computation (NCHW: 1e-7)
-    and the decoder's output with it. Here the per-channel sums come from a blocked reduction and
-    the sums of squares from the diagonal of a Gram matrix (a GEMM, blocked accumulation), and the
-    normalisation is one multiply-add per element: as fast as torch's kernel on such maps, and
-    within about 1e-6 of float64.
+    On the CPU, torch's channels-last float32 kernel accumulates a whole group's statistics in
+    float32, so on a 1024x1024 map its output drifts by about 1e-4 from a float64 computation
+    (NCHW: 1e-7), and the decoder's output with it. Here the per-channel sums come from a blocked
+    reduction and the sums of squares from the diagonal of a Gram matrix (a GEMM, blocked
+    accumulation), and the normalisation is one multiply-add per element: about as fast as
+    torch's kernel on such maps, and within about 1e-6 of float64.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        if (x.dtype != torch.float32 or h * w <= PRECISE_NORM_PIXELS
-                or not x.is_contiguous(memory_format=torch.channels_last)):
+        # CPU only: there torch's kernel drifts, and a GPU's GEMM may run in TF32.
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight is None
+                or h * w <= PRECISE_NORM_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of the channels-last memory
         sums = pixels.sum(1)
