@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .offset_encoder import SIZE_MULTIPLE as ENCODER_SIZE_MULTIPLE
 from .offset_encoder import LatentTransparencyOffsetEncoder
 from .rgba import offset_encoder_feed
-from .unet1024 import SIZE_MULTIPLE, UNet1024
+from .unet1024 import SIZE_MULTIPLE, UNet1024, reused_buffers
 
 # (flip width, quarter turns) in the reference's order; the median does not depend on it.
 AUGMENTATIONS = tuple((flip, turns) for flip in (False, True) for turns in range(4))
@@ -43,12 +43,13 @@ def decode_augmented_passes(
     """The clipped passes (8 by default, see PASS_SETS), each mapped back to the input
     orientation: [passes,B,4,H,W]."""
     outputs = []
-    for flip, turns in PASS_SETS[passes]:
-        p, z = (_transform(t, flip, turns).contiguous(memory_format=torch.channels_last) for t in (pixel, latent))
-        out = model(p, z).float().clamp_(0, 1)  # the median in float32 also for a half-precision network
-        outputs.append(_untransform(out, flip, turns))
-        if on_pass is not None:
-            on_pass()
+    with reused_buffers():
+        for flip, turns in PASS_SETS[passes]:
+            p, z = (_transform(t, flip, turns).contiguous(memory_format=torch.channels_last) for t in (pixel, latent))
+            out = model(p, z).float().clamp_(0, 1)  # the median in float32 also for a half-precision network
+            outputs.append(_untransform(out, flip, turns))
+            if on_pass is not None:
+                on_pass()
     return torch.stack(outputs)
 
 

@@ -6,6 +6,11 @@ that predicts (alpha, R, G, B). Parameter names follow the official
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,9 +26,46 @@ HEAD_DIM = 8
 SIZE_MULTIPLE = 2 ** (len(BLOCK_CHANNELS) - 1)
 
 
-# Above this many pixels a float32 channels-last map on the CPU is normalised from statistics
+# From this many pixels up a float32 channels-last map on the CPU is normalised from statistics
 # computed here (see GroupNorm); below it torch's own kernel is both fast and precise.
 PRECISE_NORM_PIXELS = 512 * 512
+
+# role -> flat storage, while reused_buffers() is active (see there).
+_scratch_storage: ContextVar[Optional[dict]] = ContextVar("unet1024_scratch_storage", default=None)
+
+
+@contextmanager
+def reused_buffers() -> Iterator[None]:
+    """Within this block the network writes its largest intermediates into two storages kept
+    across calls instead of fresh tensors: "transient" for normalised and upsampled maps,
+    "concat" for the skip concatenations.
+
+    glibc gives every freed block of 32 MiB or more back to the kernel, so each pass would fault
+    those maps' pages in again (on this project's CPU about an eighth of a 512x512 float32 pass).
+    Safe because each storage's previous content is dead by the time the next one is written: a
+    normalised map is consumed by the convolution or projections right after it, an upsampled
+    map by the concatenation that starts the next block (before its first norm), a
+    concatenation by its resnet. Nothing made inside the block may be kept beyond the network's
+    own output; the storages are freed when the block ends.
+    """
+    token = _scratch_storage.set({})
+    try:
+        yield
+    finally:
+        _scratch_storage.reset(token)
+
+
+def _scratch(kind: str, shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised channels-last [N,C,H,W] tensor: a view of the storage kept for `kind`
+    inside reused_buffers() (grown when too small), a fresh tensor outside it."""
+    storages = _scratch_storage.get()
+    n, c, h, w = shape
+    if storages is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+    storage = storages.get(kind)
+    if storage is None or storage.numel() < n * c * h * w or storage.dtype != like.dtype or storage.device != like.device:
+        storage = storages[kind] = torch.empty(n * c * h * w, dtype=like.dtype, device=like.device)
+    return storage[: n * c * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -41,7 +83,7 @@ class GroupNorm(nn.GroupNorm):
         n, c, h, w = x.shape
         # CPU only: there torch's kernel drifts, and a GPU's GEMM may run in TF32.
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight is None
-                or h * w <= PRECISE_NORM_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)):
+                or h * w < PRECISE_NORM_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of the channels-last memory
         sums = pixels.sum(1)
@@ -51,7 +93,7 @@ class GroupNorm(nn.GroupNorm):
         var = (squares.view(n, self.num_groups, -1).sum(-1, keepdim=True) / count - mean * mean).clamp_(min=0)
         scale = self.weight.view(self.num_groups, -1) * (var + self.eps).rsqrt()
         shift = self.bias.view(self.num_groups, -1) - mean * scale
-        return torch.addcmul(shift.view(n, c, 1, 1), x, scale.view(n, c, 1, 1))
+        return torch.addcmul(shift.view(n, c, 1, 1), x, scale.view(n, c, 1, 1), out=_scratch("transient", x.shape, x))
 
 
 def _norm(channels: int) -> GroupNorm:
@@ -151,7 +193,7 @@ class Upsample(nn.Module):
         o = self.conv.out_channels
         # padding 1 on a 2x2 kernel: (h+1, w+1) windows; phase (a, b) is the window at offset (a, b)
         phases = F.conv2d(x, self._phase_weight(), self.conv.bias.repeat(4), padding=1)
-        out = torch.empty(b, o, 2 * h, 2 * w, dtype=phases.dtype, device=phases.device, memory_format=torch.channels_last)
+        out = _scratch("transient", (b, o, 2 * h, 2 * w), phases)
         for i, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
             out[:, :, a::2, c::2] = phases[:, i * o:(i + 1) * o, a:a + h, c:c + w]
         return out
@@ -191,7 +233,9 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips.pop()], dim=1)  # rebinding frees the input before the resnet runs
+            skip = skips.pop()
+            x = torch.cat([x, skip], dim=1, out=_scratch("concat", (x.shape[0], x.shape[1] + skip.shape[1], *x.shape[2:]), x))
+            del skip  # the concatenation holds it now; frees it before the resnet runs
             x = resnet(x)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x)

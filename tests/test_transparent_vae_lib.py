@@ -270,3 +270,21 @@ def test_group_norm_is_precise_on_large_channels_last_maps():
         small = x[:, :, :64, :64].contiguous(memory_format=torch.channels_last)
         assert torch.equal(norm(small), torch.nn.functional.group_norm(small, 4, norm.weight, norm.bias, 1e-5))
         assert torch.equal(norm(x), torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, 1e-5))
+
+
+def test_reused_buffers_give_the_same_output():
+    from lib_layerdiffuse.unet1024 import PRECISE_NORM_PIXELS, reused_buffers
+
+    torch.manual_seed(0)
+    model = UNet1024().eval().to(memory_format=torch.channels_last)
+    side = int(PRECISE_NORM_PIXELS ** 0.5)  # the full-size maps take the precise norm (a reused buffer too)
+    pixel = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
+    latent = torch.randn(1, 4, side // 8, side // 8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(pixel, latent)
+        with reused_buffers():
+            first = model(pixel, latent)
+            second = model(pixel.flip(3).contiguous(memory_format=torch.channels_last), latent.flip(3))
+            third = model(pixel, latent)  # after the buffers held another image's maps
+        assert torch.equal(first, expected) and torch.equal(third, expected)
+        assert not torch.equal(second, expected)
