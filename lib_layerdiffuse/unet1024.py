@@ -30,7 +30,7 @@ SIZE_MULTIPLE = 2 ** (len(BLOCK_CHANNELS) - 1)
 # computed here (see GroupNorm); below it torch's own kernel is both fast and precise.
 PRECISE_NORM_PIXELS = 512 * 512
 
-# role -> flat storage, while reused_buffers() is active (see there).
+# kind -> flat storage, while reused_buffers() is active (see there).
 _scratch_storage: ContextVar[Optional[dict]] = ContextVar("unet1024_scratch_storage", default=None)
 
 
