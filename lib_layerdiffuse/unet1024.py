@@ -235,7 +235,7 @@ class UpBlock(nn.Module):
         for i, resnet in enumerate(self.resnets):
             skip = skips.pop()
             x = torch.cat([x, skip], dim=1, out=_scratch("concat", (x.shape[0], x.shape[1] + skip.shape[1], *x.shape[2:]), x))
-            del skip  # the concatenation holds it now; frees it before the resnet runs
+            del skip  # copied into the concatenation: free it before the resnet runs
             x = resnet(x)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x)
