@@ -36,17 +36,23 @@ _scratch_storage: ContextVar[Optional[dict]] = ContextVar("unet1024_scratch_stor
 
 @contextmanager
 def reused_buffers() -> Iterator[None]:
-    """Within this block the network writes its largest intermediates into two storages kept
-    across calls instead of fresh tensors: "transient" for normalised and upsampled maps,
-    "concat" for the skip concatenations.
+    """Within this block the network writes its largest intermediates into storages kept across
+    calls instead of fresh tensors, one storage per kind:
 
-    glibc gives every freed block of 32 MiB or more back to the kernel, so each pass would fault
-    those maps' pages in again (on this project's CPU about an eighth of a 512x512 float32 pass).
-    Safe because each storage's previous content is dead by the time the next one is written: a
-    normalised map is consumed by the convolution or projections right after it, an upsampled
-    map by the concatenation that starts the next block (before its first norm), a
-    concatenation by its resnet. Nothing made inside the block may be kept beyond the network's
-    own output; the storages are freed when the block ends.
+    - "transient": normalised maps and upsampled maps;
+    - "concat": a skip concatenation, then (once its resnet has normalised it and taken its
+      shortcut) that resnet's hidden map; and the phases of an upsampling convolution;
+    - "residual": the output of an up block's resnet.
+
+    Fresh memory would cost more than the copies this saves: glibc gives every freed block of
+    32 MiB or more back to the kernel, so each pass would fault those maps' pages in again
+    (about a fifth of a 1024x1024 float32 pass on this project's CPU). Safe because each
+    storage's previous content is dead by the time it is written again: a normalised map is
+    consumed by the convolution or projections right after it, an upsampled map by the
+    concatenation that starts the next block (before its first norm), a hidden map by its
+    resnet's norm, phases by their interleaving, a resnet output by the concatenation,
+    attention or upsampling after it. Nothing made inside the block may be kept beyond the
+    network's own output; the storages are freed when the block ends.
     """
     token = _scratch_storage.set({})
     try:
@@ -55,17 +61,74 @@ def reused_buffers() -> Iterator[None]:
         _scratch_storage.reset(token)
 
 
+def _new(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised channels-last [N,C,H,W] tensor of `like`'s dtype and device."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
 def _scratch(kind: str, shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised channels-last [N,C,H,W] tensor: a view of the storage kept for `kind`
-    inside reused_buffers() (grown when too small), a fresh tensor outside it."""
+    """Like _new, but a view of the storage kept for `kind` inside reused_buffers() (grown when
+    too small)."""
     storages = _scratch_storage.get()
     n, c, h, w = shape
     if storages is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+        return _new(shape, like)
     storage = storages.get(kind)
     if storage is None or storage.numel() < n * c * h * w or storage.dtype != like.dtype or storage.device != like.device:
         storage = storages[kind] = torch.empty(n * c * h * w, dtype=like.dtype, device=like.device)
     return storage[: n * c * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _fused_sum_dtypes() -> frozenset:
+    """Dtypes whose CPU convolutions oneDNN can add straight into an existing tensor."""
+    try:
+        mkldnn = torch.ops.mkldnn
+        if not torch.backends.mkldnn.is_available() or not hasattr(mkldnn, "_convolution_pointwise_"):
+            return frozenset()
+        return frozenset([torch.float32]
+                         + [torch.bfloat16] * mkldnn._is_mkldnn_bf16_supported()
+                         + [torch.float16] * mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return frozenset()
+
+
+FUSED_SUM_DTYPES = _fused_sum_dtypes()
+
+
+def _sums_in_place(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in FUSED_SUM_DTYPES and x.dtype == weight.dtype
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _conv_sum_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               padding: int) -> torch.Tensor:
+    return torch.ops.mkldnn._convolution_pointwise_(
+        out, x, weight, bias, [padding, padding], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
+
+
+def conv_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              padding: int) -> torch.Tensor:
+    """out += conv2d(x, weight, bias, padding=padding), in place; returns `out`. On the CPU
+    oneDNN adds as the convolution's epilogue: no memory for the convolution's own result, no
+    separate addition pass."""
+    if (_sums_in_place(x, weight) and out.dtype == x.dtype
+            and out.is_contiguous(memory_format=torch.channels_last)):
+        return _conv_sum_(out, x, weight, bias, padding)
+    return out.add_(F.conv2d(x, weight, bias, padding=padding))
+
+
+def conv_into(kind: Optional[str], x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              padding: int) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=padding). On the CPU oneDNN writes it into the storage
+    kept for `kind` (see reused_buffers; None: a new tensor), so that it takes no memory of its
+    own; elsewhere it is a new tensor, which a GPU's caching allocator makes as cheap."""
+    if not _sums_in_place(x, weight):
+        return F.conv2d(x, weight, bias, padding=padding)
+    n, _, h, w = x.shape
+    grow = 2 * padding - weight.shape[-1] + 1
+    shape = (n, weight.shape[0], h + grow, w + grow)
+    out = _new(shape, x) if kind is None else _scratch(kind, shape, x)
+    return _conv_sum_(out.zero_(), x, weight, bias, padding)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -109,11 +172,20 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In place where the tensor is our own intermediate: inference only, fewer full-size copies.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
-        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
+    def forward(self, x: torch.Tensor, into_buffer: bool = False) -> torch.Tensor:
+        """`into_buffer`: the result goes into the reused "residual" buffer, which the caller
+        must consume before the next resnet runs, instead of memory of its own (a skip)."""
+        n, _, h, w = x.shape
+        shape = (n, self.conv2.out_channels, h, w)
+        if self.conv_shortcut is None:
+            out = _scratch("residual", shape, x).copy_(x) if into_buffer else x.clone(memory_format=torch.channels_last)
+        else:
+            out = conv_into("residual" if into_buffer else None, x, self.conv_shortcut.weight, self.conv_shortcut.bias, 0)
+        # SiLU in place: the normalised map is our own intermediate (inference only).
+        normalised = F.silu(self.norm1(x), inplace=True)
+        # x is consumed: when it is a concatenation, the hidden map takes its storage.
+        hidden = conv_into("concat", normalised, self.conv1.weight, self.conv1.bias, 1)
+        return conv_add_(out, F.silu(self.norm2(hidden), inplace=True), self.conv2.weight, self.conv2.bias, 1)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -192,7 +264,7 @@ class Upsample(nn.Module):
         b, _, h, w = x.shape
         o = self.conv.out_channels
         # padding 1 on a 2x2 kernel: (h+1, w+1) windows; phase (a, b) is the window at offset (a, b)
-        phases = F.conv2d(x, self._phase_weight(), self.conv.bias.repeat(4), padding=1)
+        phases = conv_into("concat", x, self._phase_weight(), self.conv.bias.repeat(4), 1)
         out = _scratch("transient", (b, o, 2 * h, 2 * w), phases)
         for i, (a, c) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
             out[:, :, a::2, c::2] = phases[:, i * o:(i + 1) * o, a:a + h, c:c + w]
@@ -236,7 +308,7 @@ class UpBlock(nn.Module):
             skip = skips.pop()
             x = torch.cat([x, skip], dim=1, out=_scratch("concat", (x.shape[0], x.shape[1] + skip.shape[1], *x.shape[2:]), x))
             del skip  # copied into the concatenation: free it before the resnet runs
-            x = resnet(x)
+            x = resnet(x, into_buffer=True)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x)
         if self.upsamplers is not None:

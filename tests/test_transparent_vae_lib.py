@@ -288,3 +288,37 @@ def test_reused_buffers_give_the_same_output():
             third = model(pixel, latent)  # after the buffers held another image's maps
         assert torch.equal(first, expected) and torch.equal(third, expected)
         assert not torch.equal(second, expected)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.1), (torch.float64, 1e-12)])
+def test_convolutions_write_into_a_view_of_a_kept_storage(dtype, tolerance):
+    from lib_layerdiffuse.unet1024 import FUSED_SUM_DTYPES, conv_add_, conv_into, reused_buffers
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 24, 20, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(8, 16, 3, 3) * 0.1).to(dtype).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(8, dtype=dtype)
+    conv = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    storage = torch.zeros(2 * 8 * 24 * 20, dtype=dtype)  # as reused_buffers keeps them: flat, larger than needed
+    view = storage[: 8 * 24 * 20].view(1, 24, 20, 8).permute(0, 3, 1, 2)
+    fused = dtype in FUSED_SUM_DTYPES  # float64 has no oneDNN path: plain convolutions
+    assert fused != (dtype == torch.float64) or dtype == torch.bfloat16 or not torch.backends.mkldnn.is_available()
+    with torch.inference_mode():
+        view.copy_(torch.randn(1, 8, 24, 20))
+        expected = view.double() + conv
+        assert conv_add_(view, x, weight, bias, 1) is view  # always in place
+        assert (view.double() - expected).abs().max() < tolerance
+    assert not storage[view.numel():].any()  # nothing written past the view
+
+    with torch.inference_mode(), reused_buffers():
+        first = conv_into("concat", x, weight, bias, 1)
+        assert (first.double() - conv).abs().max() < tolerance
+        first.fill_(float("nan"))
+        second = conv_into("concat", x, weight, bias, 1)  # overwrites the kept storage, not adds to it
+        assert (second.double() - conv).abs().max() < tolerance
+        # on the CPU the result lives in the storage kept for its kind: no memory of its own
+        assert (second.data_ptr() == first.data_ptr()) == fused
+        assert second.is_contiguous(memory_format=torch.channels_last) or not fused
+        unpadded = conv_into(None, x, weight, bias, 0)  # a new tensor of the smaller size
+        expected = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double())
+        assert unpadded.shape == expected.shape and (unpadded.double() - expected).abs().max() < tolerance
