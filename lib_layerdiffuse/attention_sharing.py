@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import InputError, ModelError, WeightFileError
+
 LORA_RANK = 256
 CONTROL_CHANNELS = 256
 
@@ -161,7 +163,7 @@ class AttentionSharingWeights(nn.Module):
         """Control features for an IMAGE-style batch [B, H, W, 3] in [0, 1], in float32 on the
         encoder's device (the reference encodes in float32 whatever the UNet's dtype)."""
         if self.kwargs_encoder is None:
-            raise ValueError("this attention-sharing file has no control-image encoder")
+            raise WeightFileError("this attention-sharing file has no control-image encoder")
         param = next(self.kwargs_encoder.parameters())
         pixels = image[..., :3].movedim(-1, 1).to(device=param.device, dtype=torch.float32) * 2.0 - 1.0
         encoder = self.kwargs_encoder.float()
@@ -210,7 +212,7 @@ class SharingState:
         return self._control_cache[key]
 
 
-class BatchSizeError(ValueError):
+class BatchSizeError(InputError):
     """The latent batch does not split into whole groups of frames."""
 
 
@@ -292,7 +294,7 @@ class SharedAttention(nn.Module):
         signals = self._state.control
         if tokens not in signals:
             sizes = ", ".join(f"{s.shape[2]}x{s.shape[3]}" for s in signals.values())
-            raise ValueError(
+            raise InputError(
                 f"{self._state.label}: the control image does not match the latent size (its features are "
                 f"{sizes}; the UNet has {tokens} tokens here). Resize the image to the generation size."
             )
@@ -379,7 +381,7 @@ def shared_attention_modules(originals: Sequence[nn.Module], weights: AttentionS
     """One `SharedAttention` per original module, in file order (SD15_ATTENTION_MODULES).
     Moves the per-layer weights to `dtype` (the UNet's compute dtype); the control encoder stays float32."""
     if len(originals) != len(weights.hookers.layers):
-        raise ValueError(f"{len(originals)} attention modules for {len(weights.hookers.layers)} weight sets")
+        raise ModelError(f"{len(originals)} attention modules for {len(weights.hookers.layers)} weight sets")
     modules = []
     for index, (original, layer) in enumerate(zip(originals, weights.hookers.layers)):
         if dtype is not None:

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Callable, Optional
 
-from .weight_files import WeightFileError
+from .errors import WeightFileError
 
 CHUNK = 1 << 20
 TIMEOUT_S = 30

@@ -27,7 +27,8 @@ from .offset_encoder import LatentTransparencyOffsetEncoder
 from .rgba import pad_rgb
 from .transparent_vae import transparency_offset as shared_transparency_offset
 from .unet1024 import UNet1024
-from .weight_files import WeightFileError, layout_differences
+from .errors import WeightFileError
+from .weight_files import layout_differences
 
 LATENT_CHANNELS = 16
 # The Flux VAE's latent normalisation (ComfyUI's latent_formats.Flux): the sampler works on
@@ -140,7 +141,7 @@ def check_layout(state_dict: Mapping[str, torch.Tensor], file_name: str,
 def group(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """The tensors of one group (`sd_vae`, `encoder` or `decoder`), prefix removed."""
     if name not in GROUPS:
-        raise ValueError(f"unknown group {name!r}; the file has {', '.join(GROUPS)}")
+        raise KeyError(f"unknown group {name!r}; the file has {', '.join(GROUPS)}")
     prefix = name + "."
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 

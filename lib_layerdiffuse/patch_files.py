@@ -21,11 +21,13 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from .errors import WeightFileError
+
 LORA = "lora"
 DIFF = "diff"
 
 
-class PatchFileError(ValueError):
+class PatchFileError(WeightFileError):
     """A patch file is malformed or does not fit the model it is applied to."""
 
 

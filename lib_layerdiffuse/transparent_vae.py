@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_heap import retained_heap
+from .errors import InputError
 from .offset_encoder import SIZE_MULTIPLE as ENCODER_SIZE_MULTIPLE
 from .offset_encoder import LatentTransparencyOffsetEncoder
 from .rgba import offset_encoder_feed
@@ -85,25 +86,25 @@ def decode_augmented(
 
 
 def check_decode_inputs(pixel: torch.Tensor, latent: torch.Tensor, latent_channels: int) -> None:
-    """Raise ValueError with what to connect when the image and latent do not belong together."""
+    """Raise InputError with what to connect when the image and latent do not belong together."""
     if pixel.dim() != 4 or pixel.shape[1] != 3:
-        raise ValueError(f"expected an RGB image batch [B,3,H,W], got shape {list(pixel.shape)}")
+        raise InputError(f"expected an RGB image batch [B,3,H,W], got shape {list(pixel.shape)}")
     if latent.dim() != 4:
-        raise ValueError(f"expected a latent batch [B,C,h,w], got shape {list(latent.shape)}")
+        raise InputError(f"expected a latent batch [B,C,h,w], got shape {list(latent.shape)}")
     if latent.shape[1] != latent_channels:
-        raise ValueError(
+        raise InputError(
             f"the latent has {latent.shape[1]} channels but this transparent decoder takes {latent_channels}: "
             "connect the latent of the same model family that the decoder is for"
         )
     if pixel.shape[0] != latent.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"batch mismatch: {pixel.shape[0]} images but {latent.shape[0]} latents; connect the images that "
             "VAE Decode made from these same latents"
         )
     h, w = pixel.shape[-2:]
     lh, lw = latent.shape[-2:]
     if (lh * LATENT_SCALE, lw * LATENT_SCALE) != (h, w):
-        raise ValueError(
+        raise InputError(
             f"size mismatch: the images are {w}x{h} but the latent is {lw}x{lh} (x8 = {lw * 8}x{lh * 8}); "
             "connect the images that VAE Decode made from these same latents"
         )
@@ -179,7 +180,7 @@ def transparency_offset(
     multiplies the output (1 for SD1.5/SDXL)."""
     h, w = rgb.shape[-2:]
     if h % ENCODER_SIZE_MULTIPLE or w % ENCODER_SIZE_MULTIPLE:
-        raise ValueError(f"the image is {w}x{h}; transparent encoding needs sides that are multiples of 8")
+        raise InputError(f"the image is {w}x{h}; transparent encoding needs sides that are multiples of 8")
     weight = encoder.blocks[0].weight
     offset = encoder(feed(rgb, alpha).to(device=weight.device, dtype=weight.dtype))
     return offset.to(rgb.device, torch.float32) * scale

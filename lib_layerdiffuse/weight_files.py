@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from .errors import WeightFileError
+
 OFFICIAL_REPO = "https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/main/"
 FLUX_REPO = "https://huggingface.co/RedAIGC/Flux-version-LayerDiffuse/resolve/main/"
 
@@ -63,10 +65,6 @@ TRANSPARENT_DECODERS = {SD15: WEIGHT_FILES["layer_sd15_vae_transparent_decoder.s
                         SDXL: WEIGHT_FILES["vae_transparent_decoder.safetensors"]}
 TRANSPARENT_ENCODERS = {SD15: WEIGHT_FILES["layer_sd15_vae_transparent_encoder.safetensors"],
                         SDXL: WEIGHT_FILES["vae_transparent_encoder.safetensors"]}
-
-
-class WeightFileError(RuntimeError):
-    """A weight file is missing, unreadable or of the wrong layout; the message says what to do."""
 
 
 def read_safetensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:

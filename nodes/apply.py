@@ -26,6 +26,7 @@ from comfy_api.latest import io
 
 from ..lib_layerdiffuse import attention_sharing as sharing
 from ..lib_layerdiffuse import patch_files
+from ..lib_layerdiffuse.errors import ModelError
 from ..lib_layerdiffuse.weight_files import SD15, SDXL, WEIGHT_FILES, build_model, read_safetensors
 from . import model_store
 
@@ -70,15 +71,11 @@ DIFF_MODES = (
 )
 
 
-class LayerDiffuseModelError(ValueError):
-    """The connected model cannot take the chosen mode; the message says what to connect."""
-
-
 def _mode(modes: Sequence[Mode], config: str) -> Mode:
     for mode in modes:
         if mode.config == config:
             return mode
-    raise LayerDiffuseModelError(f"unknown config {config!r}; choose one of: {', '.join(m.config for m in modes)}")
+    raise ModelError(f"unknown config {config!r}; choose one of: {', '.join(m.config for m in modes)}")
 
 
 def model_family(model) -> str:
@@ -88,14 +85,14 @@ def model_family(model) -> str:
         return SDXL
     if isinstance(config, comfy.supported_models.SD15):
         return SD15
-    raise LayerDiffuseModelError(
+    raise ModelError(
         f"LayerDiffuse works with SD1.5 and SDXL models; the connected model is {type(config).__name__}.")
 
 
 def check_family(model, mode: Mode) -> None:
     family = model_family(model)
     if family != mode.family:
-        raise LayerDiffuseModelError(
+        raise ModelError(
             f"The config '{mode.config}' is for {mode.family} models, but the connected model is {family} "
             f"({type(model.model.model_config).__name__}). Choose a {family} config, or load a {mode.family} checkpoint.")
 
@@ -137,7 +134,7 @@ def apply_attention_sharing(model, mode: Mode, strength: float = 1.0, stop_at: f
     of each image. `overwrites[f]`: a text context for frame f's cond rows (or None)."""
     check_family(model, mode)
     if mode.control and control_image is None:
-        raise LayerDiffuseModelError(f"'{mode.config}' needs the image of the given layer")
+        raise ModelError(f"'{mode.config}' needs the image of the given layer")
     weight_file = WEIGHT_FILES[mode.file]
     path = weight_path or model_store.weight_path(weight_file)
     work = model.clone()
@@ -201,7 +198,7 @@ def apply_weight_patches(model, patches: Sequence[patch_files.WeightPatch], stre
     applied = set(work.add_patches(host_patches(patches), strength))
     missing = [p.key for p in patches if p.key not in applied]
     if missing:  # check_against_model makes this unreachable unless the host changes
-        raise LayerDiffuseModelError(f"ComfyUI did not accept patches for: {', '.join(missing[:8])}")
+        raise ModelError(f"ComfyUI did not accept patches for: {', '.join(missing[:8])}")
     return work
 
 
@@ -286,7 +283,7 @@ def apply_concat_mode(model, mode: Mode, cond, uncond, latents: Sequence[torch.T
     c_concat = model.model.latent_format.process_in(torch.cat([l["samples"] for l in latents], dim=1))
     base_channels = model.model.diffusion_model.input_blocks[0][0].in_channels
     if channels is not None and channels != base_channels + c_concat.shape[1]:
-        raise LayerDiffuseModelError(
+        raise ModelError(
             f"{mode.file} expects {channels - base_channels} concat channels, got {c_concat.shape[1]}")
     if stop_at >= 1.0:
         work = apply_weight_patches(model, patches, strength)
@@ -310,7 +307,7 @@ def _stoppable_patches(model, patches: Sequence[patch_files.WeightPatch], streng
         elif p.key == CONV_IN_KEY:
             work.set_model_patch((torch.nn.Conv2d, _wide_input_conv(p, strength)), "forward_timestep_embed_patch")
         else:
-            raise LayerDiffuseModelError(f"only the input conv can be widened; {p.key} is {list(shapes[p.key])}")
+            raise ModelError(f"only the input conv can be widened; {p.key} is {list(shapes[p.key])}")
     hook = comfy.hooks.WeightHook(strength_model=strength, strength_clip=0.0)
     hook.weights = host_patches(hooked)
     hook.need_weight_init = False

@@ -25,14 +25,14 @@ from comfy_api.latest import io
 
 from ..lib_layerdiffuse import flux_vae, rgba
 from ..lib_layerdiffuse.transparent_vae import latent_with_offset
-from ..lib_layerdiffuse.weight_files import WEIGHT_FILES, WeightFileError, read_safetensors
+from ..lib_layerdiffuse.errors import InputError, ModelError, WeightFileError
+from ..lib_layerdiffuse.weight_files import WEIGHT_FILES, read_safetensors
 from . import model_store
+from .rgba_io import alpha_for, rgba_image_inputs
 from .transparent_vae import (
     speed_inputs,
-    alpha_for,
     crop_to_multiple_of_8,
     decoder_weights_dtype,
-    rgba_image_inputs,
     run_transparent_decoder,
     sub_batch_input,
     vae_posterior,
@@ -96,7 +96,7 @@ def _warnings_logged() -> Iterator[list[str]]:
 def require_flux_model(model, node: str) -> None:
     config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
     if config.get("image_model") != "flux" or config.get("in_channels", 16) != flux_vae.LATENT_CHANNELS:
-        raise ValueError(f"{node}: the model is not FLUX.1 (got {type(model.model).__name__}, "
+        raise ModelError(f"{node}: the model is not FLUX.1 (got {type(model.model).__name__}, "
                          f"image_model={config.get('image_model')!r}); the LayerDiffuse-Flux LoRA is for FLUX.1-dev")
 
 
@@ -117,7 +117,7 @@ def apply_lora(model, lora: dict[str, torch.Tensor], strength: float, file_name:
 
 def _require_flux_vae(vae, node: str) -> None:
     if getattr(vae, "latent_channels", None) != flux_vae.LATENT_CHANNELS or getattr(vae, "latent_dim", 2) != 2:
-        raise ValueError(f"{node}: this VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents; connect the "
+        raise ModelError(f"{node}: this VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents; connect the "
                          "Flux VAE (Layer Diffuse Flux VAE Loader)")
 
 
@@ -141,7 +141,7 @@ def decode_rgba(samples: dict, vae, sub_batch_size: int, passes: str = "8", prec
     _require_flux_vae(vae, node)
     latent = samples["samples"]
     if latent.dim() != 4 or latent.shape[1] != flux_vae.LATENT_CHANNELS:
-        raise ValueError(f"{node}: expected a Flux latent [B,16,h,w], got shape {list(latent.shape)}; connect the "
+        raise InputError(f"{node}: expected a Flux latent [B,16,h,w], got shape {list(latent.shape)}; connect the "
                          "KSampler output of a Flux model")
     pixel = decode_unclamped(vae, latent)
     patcher = network(flux_vae.DECODER, flux_vae.decoder, decoder_weights_dtype(precision))
@@ -153,10 +153,10 @@ def encode_rgba(vae, image: torch.Tensor, mask: torch.Tensor | None) -> torch.Te
     """The raw Flux latent [B,16,H/8,W/8] that carries the image's alpha."""
     node = "Layer Diffuse Flux Encode"
     _require_flux_vae(vae, node)
-    alpha = crop_to_multiple_of_8(alpha_for(image, mask))
+    alpha = crop_to_multiple_of_8(alpha_for(image, mask, node))
     rgb = crop_to_multiple_of_8(image[..., :3].movedim(-1, 1).float())
     if min(rgb.shape[-2:]) < 8:
-        raise ValueError(f"{node}: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
+        raise InputError(f"{node}: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
     patcher = network(flux_vae.ENCODER, flux_vae.encoder)
     encoder = model_store.load_to_device(patcher, rgb.numel() * 64)
     offset = flux_vae.transparency_offset(encoder, rgb, alpha)

@@ -23,7 +23,9 @@ from ..lib_layerdiffuse.transparent_vae import (
 )
 from ..lib_layerdiffuse.unet1024 import UNet1024
 from ..lib_layerdiffuse.weight_files import SD15, SDXL, TRANSPARENT_DECODERS, TRANSPARENT_ENCODERS
+from ..lib_layerdiffuse.errors import InputError, ModelError
 from . import model_store
+from .rgba_io import alpha_for, rgba_image_inputs
 
 CATEGORY = "layer_diffuse"
 SD_LATENT_CHANNELS = 4
@@ -68,16 +70,6 @@ def speed_inputs() -> list[io.Input]:
                     "AVX-512 BF16/AMX, max difference about 3e-2 from float32. float16: for GPUs (slower than "
                     "float32 on most CPUs).",
         ),
-    ]
-
-
-def rgba_image_inputs() -> list[io.Input]:
-    """The image to encode and its optional LoadImage-style mask."""
-    return [
-        io.Image.Input("image", tooltip="The image; if it has 4 channels and no mask is connected, "
-                       "its 4th channel is the alpha."),
-        io.Mask.Input("mask", optional=True, tooltip="Transparency in LoadImage's convention: 1 = transparent, "
-                      "0 = opaque (connect LoadImage's MASK). Without it the image is opaque unless it is RGBA."),
     ]
 
 
@@ -191,7 +183,7 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
     @classmethod
     def execute(cls, samples, images, frames, sd_version, sub_batch_size, passes="8", precision="auto") -> io.NodeOutput:
         if images.shape[0] % frames:
-            raise ValueError(
+            raise InputError(
                 f"Layer Diffuse Decode (Split): the batch has {images.shape[0]} images, not a multiple of frames={frames}; "
                 "set frames to the number of layers the model generated per image"
             )
@@ -199,19 +191,6 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
                             sub_batch_size, passes, precision)
         layers = [first] + [images[i::frames] for i in range(1, frames)]
         return io.NodeOutput(*layers, *([None] * (MAX_FRAMES - frames)))
-
-
-def alpha_for(image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """[B,1,H,W] alpha: 1 - mask (LoadImage's convention), else the image's 4th channel, else opaque."""
-    b, h, w = image.shape[:3]
-    if mask is None:
-        alpha = image[..., 3] if image.shape[-1] == 4 else torch.ones(b, h, w)
-        return alpha.unsqueeze(1).float()
-    mask = mask.reshape((-1,) + tuple(mask.shape[-2:])).float()
-    if mask.shape[0] not in (1, b):
-        raise ValueError(f"Layer Diffuse Encode: {mask.shape[0]} masks for {b} images; connect one mask per image or a single mask")
-    mask = comfy.utils.common_upscale(mask.unsqueeze(1), w, h, "bilinear", "disabled") if mask.shape[-2:] != (h, w) else mask.unsqueeze(1)
-    return (1.0 - mask).expand(b, 1, h, w).clamp(0, 1)
 
 
 def crop_to_multiple_of_8(x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +206,7 @@ def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     autoencoder = vae.first_stage_model
     regularizer = type(getattr(autoencoder, "regularization", None)).__name__
     if regularizer != "DiagonalGaussianRegularizer" or getattr(autoencoder, "bn", None) is not None:
-        raise ValueError("Layer Diffuse Encode needs a Stable Diffusion (KL) VAE; this VAE has no Gaussian posterior")
+        raise ModelError("Layer Diffuse Encode needs a Stable Diffusion (KL) VAE; this VAE has no Gaussian posterior")
     memory = vae.memory_used_encode(pixels.shape, vae.vae_dtype)
     model_management.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=vae.disable_offload)
     step = max(1, int(model_management.get_free_memory(vae.device) / max(1, memory)))
@@ -263,12 +242,12 @@ class LayeredDiffusionEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae, image, sd_version, mask=None) -> io.NodeOutput:
         if vae.latent_channels != SD_LATENT_CHANNELS:
-            raise ValueError(f"Layer Diffuse Encode: this VAE makes {vae.latent_channels}-channel latents; "
+            raise ModelError(f"Layer Diffuse Encode: this VAE makes {vae.latent_channels}-channel latents; "
                              f"the {sd_version} transparent encoder is for the 4-channel SD1.5/SDXL VAE")
-        alpha = crop_to_multiple_of_8(alpha_for(image, mask))
+        alpha = crop_to_multiple_of_8(alpha_for(image, mask, "Layer Diffuse Encode"))
         rgb = crop_to_multiple_of_8(image[..., :3].movedim(-1, 1).float())
         if min(rgb.shape[-2:]) < 8:
-            raise ValueError(f"Layer Diffuse Encode: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
+            raise InputError(f"Layer Diffuse Encode: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
         patcher = model_store.network(model_store.weight_path(TRANSPARENT_ENCODERS[sd_version]),
                                       LatentTransparencyOffsetEncoder)
         encoder = model_store.load_to_device(patcher, rgb.numel() * 64)

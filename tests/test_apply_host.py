@@ -245,14 +245,14 @@ def test_single_frame_mode_takes_any_batch(apply_module, sd15_model, goldens, te
 
 
 def test_sdxl_config_on_sd15_model_names_both(apply_module, sd15_model):
-    with pytest.raises(apply_module.LayerDiffuseModelError) as error:
+    with pytest.raises(apply_module.ModelError) as error:
         apply_module.LayeredDiffusionApply.execute(sd15_model, "SDXL, Conv Injection", 1.0)
     message = str(error.value)
     assert "SDXL, Conv Injection" in message and "SDXL models" in message and "SD15 (SD15)" in message
 
 
 def test_control_mode_without_image_is_an_error(apply_module, sd15_model, testkit, synth_weights, goldens):
-    with pytest.raises(apply_module.LayerDiffuseModelError, match="needs the image"):
+    with pytest.raises(apply_module.ModelError, match="needs the image"):
         golden_patch(apply_module, FG2BG, sd15_model, testkit, synth_weights, goldens[FG2BG], control_image=None)
 
 
@@ -404,7 +404,7 @@ def test_sdxl_files_map_onto_the_sdxl_unet(apply_module, sdxl_meta, testkit, ste
 
 
 def test_sd15_config_on_sdxl_model_names_both(apply_module, sdxl_meta):
-    with pytest.raises(apply_module.LayerDiffuseModelError) as error:
+    with pytest.raises(apply_module.ModelError) as error:
         apply_module.LayeredDiffusionJointApply.execute(sdxl_meta, "SD15, attn_sharing, Batch size (3N)")
     assert "SD15 models" in str(error.value) and "SDXL (SDXL)" in str(error.value)
 
@@ -486,7 +486,7 @@ def test_sdxl_cond_node_feeds_the_latent_to_cond_and_uncond(apply_module, sdxl_m
         assert out[0][0] is original[0][0] and "model_conds" not in original[0][1]
     # two latents where the file's input conv takes one more: an error, not a shape crash mid-sampling
     diff_mode = apply_module._mode(apply_module.DIFF_MODES, "SDXL, Foreground")
-    with pytest.raises(apply_module.LayerDiffuseModelError, match="expects 4 concat channels, got 8"):
+    with pytest.raises(apply_module.ModelError, match="expects 4 concat channels, got 8"):
         apply_module.apply_concat_mode(sdxl_meta, diff_mode, cond, uncond, [latent, latent], 1.0,
                                        weight_path=str(folder / "layer_xl_fg2ble.safetensors"))
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lib_layerdiffuse import attention_sharing as sharing
-from lib_layerdiffuse.weight_files import WeightFileError, build_model, read_safetensors
+from lib_layerdiffuse.errors import InputError, WeightFileError
+from lib_layerdiffuse.weight_files import build_model, read_safetensors
 
 from sd15_helpers import (  # noqa: F401  (pytest fixtures)
     SD15_GOLDENS, apply_module, golden_patch, load_golden, release_models, replay_apply_model, sample_once, sd15_model)
@@ -181,7 +182,7 @@ def test_overwrite_of_another_length_is_repeated_to_fit():
 def test_control_features_need_a_matching_image_size():
     _, shared = _tiny(frames=2, cross=False, control=True)
     shared._state.control = {4: torch.randn(1, 256, 2, 2)}
-    with pytest.raises(ValueError, match="control image does not match"):
+    with pytest.raises(InputError, match="control image does not match"):
         shared(torch.randn(2, 9, 16))
     shared._state.control = {9: torch.randn(1, 256, 3, 3)}
     assert shared(torch.randn(2, 9, 16)).shape == (2, 9, 16)

@@ -143,14 +143,14 @@ def test_any_size_round_trips_and_bad_inputs_say_what_to_connect(pack, flux_vae)
     assert rgba.shape == (1, 72, 104, 4) and mask.shape == (1, 72, 104)
     assert rgba.min() >= 0 and rgba.max() <= 1
 
-    with pytest.raises(ValueError, match=r"expected a Flux latent \[B,16,h,w\], got shape \[1, 4, 8, 8\]"):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match=r"expected a Flux latent \[B,16,h,w\], got shape \[1, 4, 8, 8\]"):
         run_node(pack, "LayeredDiffusionFluxDecode", samples={"samples": torch.zeros(1, 4, 8, 8)}, vae=flux_vae,
                  sub_batch_size=1)
 
     class SDVae:  # the only property the check reads; a real SD VAE needs a 2 GB synthetic checkpoint
         latent_channels = 4
 
-    with pytest.raises(ValueError, match="4-channel latents; connect the Flux VAE"):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").ModelError, match="4-channel latents; connect the Flux VAE"):
         run_node(pack, "LayeredDiffusionFluxEncode", vae=SDVae(), image=image)
 
 
@@ -270,7 +270,7 @@ def test_lora_keys_that_fit_nothing_are_an_error(pack, flux_dev_on_meta):
     class SD15Patcher:
         model = SD15Model()
 
-    with pytest.raises(ValueError, match="the model is not FLUX.1"):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").ModelError, match="the model is not FLUX.1"):
         run_node(pack, "LayeredDiffusionFluxApply", model=SD15Patcher(), strength=1.0)
 
 

@@ -16,7 +16,8 @@ from conftest import PACK_ROOT
 from lib_layerdiffuse import flux_vae
 from lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder
 from lib_layerdiffuse.transparent_vae import decode_augmented, decode_augmented_passes, decode_transparent
-from lib_layerdiffuse.weight_files import WEIGHT_FILES, WeightFileError, build_model
+from lib_layerdiffuse.errors import InputError, WeightFileError
+from lib_layerdiffuse.weight_files import WEIGHT_FILES, build_model
 
 ATOL = 1e-4  # testkit README: float32 decoder outputs, feeds and offset_raw
 ATOL_X300 = 1e-3  # testkit README: the x300 offsets and chain latents
@@ -130,12 +131,12 @@ def test_any_multiple_of_8_keeps_its_size(decoder, height, width):
 
 
 def test_sd_sized_latents_are_refused(decoder):
-    with pytest.raises(ValueError, match="4 channels but this transparent decoder takes 16"):
+    with pytest.raises(InputError, match="4 channels but this transparent decoder takes 16"):
         decode_transparent(decoder, torch.rand(1, 3, 64, 64), torch.randn(1, 4, 8, 8), 1)
 
 
 def test_encoder_needs_multiples_of_8(encoder):
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(InputError, match="multiples of 8"):
         flux_vae.transparency_offset(encoder, torch.rand(1, 3, 64, 60), torch.ones(1, 1, 64, 60))
 
 

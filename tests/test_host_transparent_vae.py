@@ -149,13 +149,13 @@ def test_fast_modes_run_and_stay_close(pack, layer_model_dir):
 
 
 def test_decode_errors_say_what_to_connect(pack, layer_model_dir):
-    with pytest.raises(ValueError, match="batch mismatch: 2 images but 1 latents"):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match="batch mismatch: 2 images but 1 latents"):
         run_node(pack, "LayeredDiffusionDecode", samples={"samples": torch.randn(1, 4, 8, 8)},
                  images=torch.rand(2, 64, 64, 3), sd_version="SD15", sub_batch_size=4)
-    with pytest.raises(ValueError, match="size mismatch"):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match="size mismatch"):
         run_node(pack, "LayeredDiffusionDecodeRGBA", samples={"samples": torch.randn(1, 4, 8, 8)},
                  images=torch.rand(1, 128, 64, 3), sd_version="SD15", sub_batch_size=4)
-    with pytest.raises(ValueError, match="not a multiple of frames=2"):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match="not a multiple of frames=2"):
         run_node(pack, "LayeredDiffusionDecodeSplit", samples={"samples": torch.randn(3, 4, 8, 8)},
                  images=torch.rand(3, 64, 64, 3), frames=2, sd_version="SD15", sub_batch_size=4)
 
@@ -273,7 +273,7 @@ def test_encode_decode_round_trip(pack, layer_model_dir, sd15_vae):
 def test_encode_crops_like_vae_encode_and_checks_masks(pack, layer_model_dir, sd15_vae):
     (latent,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=torch.rand(1, 70, 61, 3), sd_version="SD15")
     assert latent["samples"].shape == (1, 4, 8, 7)
-    with pytest.raises(ValueError, match="3 masks for 2 images"):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match="3 masks for 2 images"):
         run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=torch.rand(2, 64, 64, 3),
                  mask=torch.zeros(3, 64, 64), sd_version="SD15")
 

@@ -18,7 +18,8 @@ from lib_layerdiffuse.transparent_vae import (
     transparency_offset,
 )
 from lib_layerdiffuse.unet1024 import UNet1024
-from lib_layerdiffuse.weight_files import WEIGHT_FILES, WeightFileError, build_model, read_safetensors
+from lib_layerdiffuse.errors import InputError, WeightFileError
+from lib_layerdiffuse.weight_files import WEIGHT_FILES, build_model, read_safetensors
 
 ATOL = 1e-4  # the testkit README's tolerance for float32 implementations
 DECODER_MANIFESTS = ["vae_transparent_decoder", "layer_sd15_vae_transparent_decoder"]
@@ -161,12 +162,12 @@ def test_sub_batches_give_the_same_result(decoder):
     ((1, 4, 64, 64), (1, 4, 8, 8), "RGB image"),
 ])
 def test_mismatched_inputs_are_clear_errors(decoder, pixel_shape, latent_shape, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         decode_transparent(decoder, torch.rand(pixel_shape), torch.randn(latent_shape), 1)
 
 
 def test_encoder_rejects_sizes_that_are_not_multiples_of_8(encoder):
-    with pytest.raises(ValueError, match="multiples of 8"):
+    with pytest.raises(InputError, match="multiples of 8"):
         transparency_offset(encoder, torch.rand(1, 3, 60, 64), torch.ones(1, 1, 60, 64))
 
 

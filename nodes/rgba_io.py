@@ -1,0 +1,49 @@
+"""RGBA images at the node boundary.
+
+ComfyUI passes images as IMAGE [B,H,W,C] (C = 3, or 4 with alpha last) and transparency as MASK
+[B,H,W] in LoadImage's convention (1 = transparent). The library works on colour [B,3,H,W] and
+alpha [B,1,H,W] (1 = opaque). These helpers translate, the same way for every node.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.utils
+from comfy_api.latest import io
+
+from ..lib_layerdiffuse.errors import InputError
+
+
+def rgba_image_inputs() -> list[io.Input]:
+    """An image and its optional LoadImage-style mask."""
+    return [
+        io.Image.Input("image", tooltip="The image; if it has 4 channels and no mask is connected, "
+                       "its 4th channel is the alpha."),
+        io.Mask.Input("mask", optional=True, tooltip="Transparency in LoadImage's convention: 1 = transparent, "
+                      "0 = opaque (connect LoadImage's MASK). Without it the image is opaque unless it is RGBA."),
+    ]
+
+
+def alpha_for(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> torch.Tensor:
+    """[B,1,H,W] alpha (1 = opaque) of an IMAGE: 1 - mask, else the image's 4th channel, else opaque.
+    A mask of another size is resized to the image's; one mask serves the whole batch."""
+    b, h, w = image.shape[:3]
+    if mask is None:
+        alpha = image[..., 3] if image.shape[-1] == 4 else torch.ones(b, h, w, device=image.device)
+        return alpha.unsqueeze(1).float()
+    mask = mask.reshape((-1,) + tuple(mask.shape[-2:])).float().unsqueeze(1)
+    if mask.shape[0] not in (1, b):
+        raise InputError(f"{node}: {mask.shape[0]} masks for {b} images; connect one mask per image or a single mask")
+    if mask.shape[-2:] != (h, w):
+        mask = comfy.utils.common_upscale(mask, w, h, "bilinear", "disabled")
+    return (1.0 - mask).expand(b, 1, h, w).clamp(0, 1).to(image.device)
+
+
+def split_rgba(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colour [B,3,H,W], alpha [B,1,H,W]) of an IMAGE and its optional mask, as float32."""
+    return image[..., :3].movedim(-1, 1).float(), alpha_for(image, mask, node)
+
+
+def join_rgba(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """An RGBA IMAGE [B,H,W,4] (alpha last, 1 = opaque) from colour and alpha."""
+    return torch.cat([rgb, alpha], dim=1).movedim(1, -1)
