@@ -1,0 +1,144 @@
+"""ComfyUI's real frontend, served by the live test server, in headless Chromium: every shipped
+workflow loads as drag-and-drop loads it, with no missing node type, its widget values intact and
+its missing weights offered for download; an unknown node is reported. Screenshots go to the
+test's tmp_path.
+
+Needs Debian's `chromium` and `chromium-driver` (skipped with that reason otherwise).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from support.browser import Browser, close_dialogs, drop_workflow, find_browser, load_template, open_template_category
+from support.environment import unavailable
+from support.paths import COMPAT_DIR, PACK_ROOT, WORKFLOW_DIR
+from support.workflows import (
+    FOREIGN_NODES,
+    VIRTUAL_NODES,
+    compat_names,
+    load_ui,
+    node_types,
+    require_registered,
+    ui_workflow_names,
+)
+
+PAGE_READY = ("window.app && window.app.graph && window.LiteGraph && "
+              "window.LiteGraph.registered_node_types['LayeredDiffusionDecodeRGBA'] && true")
+
+
+@pytest.fixture(scope="module")
+def browser(comfy_server, tmp_path_factory):
+    chromium, driver, why = find_browser()
+    if why:
+        unavailable(why)
+    folder = tmp_path_factory.mktemp("chromium")
+    # A new user is greeted with the template browser; start from the plain canvas instead.
+    request = urllib.request.Request(f"{comfy_server.url}/settings/Comfy.TutorialCompleted", data=b"true",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 200
+    session = Browser(chromium, driver, folder / "profile", folder / "chromedriver.log")
+    try:
+        session.open(comfy_server.url + "/")
+        session.wait_for(PAGE_READY)
+        yield session
+    finally:
+        session.quit()
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.get("/object_info")
+
+
+def server_models(comfy_server, folder: str) -> set[str]:
+    with urllib.request.urlopen(f"{comfy_server.url}/api/experiment/models/{folder}") as response:
+        return {m["name"] for m in json.loads(response.read())}
+
+
+def same_value(saved, loaded) -> bool:
+    if isinstance(saved, (int, float)) and isinstance(loaded, (int, float)) and not isinstance(saved, bool):
+        return math.isclose(saved, loaded, rel_tol=1e-9, abs_tol=1e-9)
+    return saved == loaded
+
+
+def listed_downloads(dialogs: list[str]) -> set[tuple[str, str]]:
+    """(folder, file) pairs in the missing-models dialog."""
+    text = "\n".join(d for d in dialogs if "Missing Models" in d)
+    return set(re.findall(r"^([\w-]+) / (\S+)$", text, flags=re.M))
+
+
+def test_template_browser_offers_the_workflows_with_thumbnails(browser, comfy_server, object_info, tmp_path):
+    module = PACK_ROOT.name
+    titles = json.loads((PACK_ROOT / "locales" / "en" / "main.json").read_text())["templateWorkflows"]["category"]
+    # The category is titled from locales/en/main.json when the pack's folder has its registry name.
+    label = titles.get(module, module)
+    shown = open_template_category(browser, label)
+    browser.screenshot(tmp_path / "template_browser.png")
+    assert sorted(shown["cards"]) == ui_workflow_names()
+    thumbnails = [width for src, width in shown["images"]]
+    assert thumbnails and set(thumbnails) == {512}, shown["images"]  # our .jpg files, not a fallback
+    loaded = load_template(browser, "sd15_transparent_decode")
+    assert loaded["missing"] == []
+    assert sorted(loaded["types"]) == sorted(n["type"] for n in load_ui("sd15_transparent_decode")["nodes"])
+    close_dialogs(browser)
+
+
+@pytest.mark.parametrize("name", ui_workflow_names())
+def test_shipped_workflow_loads_by_drag_and_drop(browser, comfy_server, object_info, tmp_path, name):
+    graph = load_ui(name)
+    require_registered(object_info, node_types(graph))
+    close_dialogs(browser)
+    result = drop_workflow(browser, WORKFLOW_DIR / f"{name}.json")
+    browser.screenshot(tmp_path / f"{name}.png")
+    assert result["missing"] == []
+    assert not any("missing nodes" in d for d in result["dialogs"]), result["dialogs"]
+    assert sorted(result["types"]) == sorted(n["type"] for n in graph["nodes"])
+    for node in graph["nodes"]:
+        loaded = result["widgets"][str(node["id"])]
+        saved = node.get("widgets_values") or []
+        assert len(loaded) >= len(saved), (node["type"], loaded)
+        assert all(same_value(s, v) for s, v in zip(saved, loaded)), (node["type"], saved, loaded)
+    # ComfyUI offers every weight the server lacks for download into its folder.
+    offered = listed_downloads(result["dialogs"])
+    models = {(m["directory"], m["name"]) for m in graph.get("models", [])}
+    lacking = {(d, n) for d, n in models if n not in server_models(comfy_server, d)}
+    assert lacking <= offered <= models, (lacking, offered)
+    assert not any("Invalid directory" in d or "not allowed" in d for d in result["dialogs"] if "Missing Models" in d)
+
+
+def test_unknown_node_is_reported(browser, tmp_path):
+    graph = load_ui("sd15_transparent_decode")
+    node = next(n for n in graph["nodes"] if n["type"] == "LayeredDiffusionCheckerboard")
+    node["type"] = "LayeredDiffusionNoSuchNode"
+    close_dialogs(browser)
+    result = drop_workflow(browser, Path("unknown_node.json"), json.dumps(graph))
+    browser.screenshot(tmp_path / "unknown_node.png")
+    assert result["missing"] == ["LayeredDiffusionNoSuchNode"]
+    warning = [d for d in result["dialogs"] if "missing nodes" in d]
+    assert warning and "LayeredDiffusionNoSuchNode" in warning[0]
+    close_dialogs(browser)
+
+
+@pytest.mark.parametrize("name", compat_names())
+def test_peer_workflow_loads_with_only_foreign_nodes_missing(browser, object_info, tmp_path, name):
+    path = COMPAT_DIR / f"{name}.json"
+    graph = json.loads(path.read_text())
+    require_registered(object_info, node_types(graph) - FOREIGN_NODES)
+    close_dialogs(browser)
+    result = drop_workflow(browser, path)
+    browser.screenshot(tmp_path / f"{name}.png")
+    assert sorted(set(result["missing"])) == sorted(node_types(graph) & FOREIGN_NODES)
+    for node in graph["nodes"]:
+        if node["type"] in FOREIGN_NODES | VIRTUAL_NODES:
+            continue
+        saved = node.get("widgets_values") or []
+        loaded = result["widgets"][str(node["id"])]
+        assert all(same_value(s, v) for s, v in zip(saved, loaded)), (node["type"], saved, loaded)
+    close_dialogs(browser)

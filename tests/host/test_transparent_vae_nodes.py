@@ -1,0 +1,261 @@
+"""The transparent VAE nodes inside a real ComfyUI process: loading, compatibility, execution."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from support.images import rgba_disc
+from support.pack import pack_module, run_node
+from support.synth import synthetic_file
+from support.workflows import compat_names, load_compat
+
+DECODE_NODES = ["LayeredDiffusionDecode", "LayeredDiffusionDecodeRGBA", "LayeredDiffusionDecodeSplit"]
+OUR_NODES = DECODE_NODES + ["LayeredDiffusionEncode", "LayeredDiffusionCheckerboard"]
+
+
+@pytest.fixture()
+def layer_model_dir(pack, tmp_path, monkeypatch):
+    """A layer_model folder holding synthetic SD1.5/SDXL transparent VAE files (and nothing else)."""
+    import folder_paths
+
+    for stem in ("vae_transparent_decoder", "vae_transparent_encoder",
+                 "layer_sd15_vae_transparent_decoder", "layer_sd15_vae_transparent_encoder"):
+        source = synthetic_file(stem)
+        (tmp_path / source.name).symlink_to(source)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def sd15_vae(pack):
+    """The VAE of the synthetic SD1.5 checkpoint, as ComfyUI builds it."""
+    import comfy.sd
+
+    prefix = "first_stage_model."
+    with safe_open(str(synthetic_file("sd15_checkpoint")), framework="pt") as f:
+        state = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+    return comfy.sd.VAE(sd=state)
+
+
+def node(pack, node_id):
+    return pack.NODE_CLASS_MAPPINGS[node_id]
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+@pytest.mark.registration
+def test_pack_registers_through_comfyui_loader(pack):
+    for node_id in OUR_NODES:
+        assert node_id in pack.NODE_CLASS_MAPPINGS, node_id
+        schema = node(pack, node_id).define_schema()
+        assert schema.category.startswith("layer_diffuse")
+        assert all(i.tooltip for i in schema.inputs), f"{node_id} has inputs without tooltips"
+    package = pack_module("nodes").__name__.rsplit(".", 1)[0]
+    assert not hasattr(sys.modules[package], "NODE_CLASS_MAPPINGS")
+
+
+def test_layer_model_folder_keeps_configured_paths(pack, monkeypatch, tmp_path):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], set()))
+    pack_module("nodes.model_store").register_folder()
+    paths, extensions = folder_paths.folder_names_and_paths["layer_model"]
+    assert paths[0] == str(tmp_path) and paths[1].endswith("layer_model") and extensions == {".safetensors"}
+
+
+def _widget_inputs(node_class) -> list[tuple[str, dict]]:
+    """(name, options) of the inputs the frontend shows as widgets, in order."""
+    spec = node_class.INPUT_TYPES()
+    widgets = []
+    for group in ("required", "optional"):
+        for name, (kind, options) in spec.get(group, {}).items():
+            if kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") or isinstance(kind, list):
+                widgets.append((name, {**options, "kind": kind}))
+    return widgets
+
+
+@pytest.mark.registration
+@pytest.mark.parametrize("workflow", compat_names())
+def test_peer_workflows_fit_our_decode_nodes(pack, workflow):
+    graph = load_compat(workflow)
+    for item in graph["nodes"]:
+        if item["type"] not in DECODE_NODES:
+            continue
+        node_class = node(pack, item["type"])
+        widgets = _widget_inputs(node_class)
+        # Our extra widgets come after the peer's and keep their defaults when it has no value.
+        assert len(widgets) >= len(item["widgets_values"])
+        assert all("default" in options for _, options in widgets[len(item["widgets_values"]):])
+        for (name, options), value in zip(widgets, item["widgets_values"]):
+            if options["kind"] == "COMBO":
+                assert value in options["options"], (name, value)
+            else:
+                assert options["min"] <= value <= options["max"], (name, value)
+        ours = node_class.INPUT_TYPES()["required"]
+        for slot in item["inputs"]:
+            assert ours[slot["name"]][0] == slot["type"]
+        assert [o["type"] for o in item["outputs"]] == list(node_class.RETURN_TYPES)
+
+
+# --- execution in-process -------------------------------------------------------------------------
+
+def test_decode_rgba_keeps_odd_sizes(pack, layer_model_dir):
+    images = torch.rand(2, 120, 200, 3)
+    latent = {"samples": torch.randn(2, 4, 15, 25)}
+    (rgba,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=images, sd_version="SDXL", sub_batch_size=1)
+    assert rgba.shape == (2, 120, 200, 4) and rgba.dtype == torch.float32
+    image, mask = run_node(pack, "LayeredDiffusionDecode", samples=latent, images=images, sd_version="SDXL", sub_batch_size=2)
+    # Sub-batches of 1 and 2 differ by float rounding only.
+    torch.testing.assert_close(image, rgba[..., :3], atol=1e-4, rtol=0)
+    torch.testing.assert_close(mask, rgba[..., 3], atol=1e-4, rtol=0)
+
+    import comfy.model_management
+
+    loaded = [m.model for m in comfy.model_management.current_loaded_models]
+    assert any(type(getattr(m, "model", None)).__name__ == "UNet1024" for m in loaded), "not managed by ComfyUI"
+
+
+def test_fast_modes_run_and_stay_close(pack, layer_model_dir):
+    images = torch.rand(1, 64, 64, 3)
+    latent = {"samples": torch.randn(1, 4, 8, 8)}
+    (reference,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=images, sd_version="SD15",
+                            sub_batch_size=1, passes="8", precision="float32")
+    (half,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=images, sd_version="SD15",
+                       sub_batch_size=1, passes="8", precision="bfloat16")
+    assert half.dtype == torch.float32 and 0 < (half - reference).abs().max() < 5e-2
+    (four,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=images, sd_version="SD15",
+                       sub_batch_size=1, passes="4", precision="auto")
+    assert four.shape == reference.shape and not torch.equal(four, reference)
+
+
+def test_decode_errors_say_what_to_connect(pack, layer_model_dir):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match="batch mismatch: 2 images but 1 latents"):
+        run_node(pack, "LayeredDiffusionDecode", samples={"samples": torch.randn(1, 4, 8, 8)},
+                 images=torch.rand(2, 64, 64, 3), sd_version="SD15", sub_batch_size=4)
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match="size mismatch"):
+        run_node(pack, "LayeredDiffusionDecodeRGBA", samples={"samples": torch.randn(1, 4, 8, 8)},
+                 images=torch.rand(1, 128, 64, 3), sd_version="SD15", sub_batch_size=4)
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match="not a multiple of frames=2"):
+        run_node(pack, "LayeredDiffusionDecodeSplit", samples={"samples": torch.randn(3, 4, 8, 8)},
+                 images=torch.rand(3, 64, 64, 3), frames=2, sd_version="SD15", sub_batch_size=4)
+
+
+def test_decode_split_decodes_every_nth_image(pack, layer_model_dir):
+    images = torch.rand(6, 64, 64, 3)
+    latent = {"samples": torch.randn(6, 4, 8, 8)}
+    first, second, third = run_node(pack, "LayeredDiffusionDecodeSplit", samples=latent, images=images, frames=3,
+                                    sd_version="SD15", sub_batch_size=16)
+    (expected,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples={"samples": latent["samples"][::3]},
+                           images=images[::3], sd_version="SD15", sub_batch_size=16)
+    torch.testing.assert_close(first, expected)
+    assert torch.equal(second, images[1::3]) and torch.equal(third, images[2::3])
+    outputs = run_node(pack, "LayeredDiffusionDecodeSplit", samples=latent, images=images, frames=2,
+                       sd_version="SD15", sub_batch_size=16)
+    assert outputs[0].shape == (3, 64, 64, 4) and outputs[2] is None
+
+
+def test_missing_weights_offline_name_file_url_and_folder(pack, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], {".safetensors"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weight_files = pack_module("lib_layerdiffuse.weight_files")
+    with pytest.raises(weight_files.WeightFileError) as error:
+        run_node(pack, "LayeredDiffusionDecode", samples={"samples": torch.randn(1, 4, 8, 8)},
+                 images=torch.rand(1, 64, 64, 3), sd_version="SD15", sub_batch_size=1)
+    text = str(error.value)
+    assert "layer_sd15_vae_transparent_decoder.safetensors" in text and str(tmp_path) in text
+    assert "https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/main/" in text
+
+
+def test_progress_bar_advances_over_the_decode_passes(pack, layer_model_dir, monkeypatch):
+    import comfy.utils
+
+    updates = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: updates.append((value, total)))
+    run_node(pack, "LayeredDiffusionDecode", samples={"samples": torch.randn(3, 4, 8, 8)},
+             images=torch.rand(3, 64, 64, 3), sd_version="SD15", sub_batch_size=2)
+    assert updates == [(i, 16) for i in range(1, 17)]
+
+
+def test_missing_weight_file_is_downloaded_into_layer_model(pack, tmp_path, monkeypatch):
+    """The glue's download path end to end, from a file server on 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+
+    import comfy.utils
+    import folder_paths
+
+    source = synthetic_file("vae_transparent_encoder")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(source.parent))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    folder = tmp_path / "layer_model"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(folder)], {".safetensors"}))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    updates = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: updates.append((value, total)))
+    weight_files = pack_module("lib_layerdiffuse.weight_files")
+    local = weight_files.WeightFile(source.name, "SDXL", "transparent encoder",
+                                    f"http://127.0.0.1:{httpd.server_address[1]}/{source.name}")
+    try:
+        path = pack_module("nodes.model_store").weight_path(local)
+    finally:
+        httpd.shutdown()
+    assert path == str(folder / source.name) and open(path, "rb").read() == source.read_bytes()
+    assert updates[-1] == (source.stat().st_size, source.stat().st_size)
+    assert sorted(p.name for p in folder.iterdir()) == [source.name]
+
+
+def test_encode_is_posterior_mean_plus_std_times_offset(pack, layer_model_dir, sd15_vae):
+    image = rgba_disc()
+    (latent,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=image[..., :3],
+                         mask=1 - image[..., 3], sd_version="SD15")
+    z = latent["samples"]
+    assert z.shape == (1, 4, 8, 12)
+    # The same image given as RGBA without a mask is the same latent.
+    (again,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=image, sd_version="SD15")
+    torch.testing.assert_close(again["samples"], z)
+
+    tv = pack_module("nodes.transparent_vae")
+    lib = pack_module("lib_layerdiffuse.transparent_vae")
+    rgb, alpha = image[..., :3].movedim(-1, 1), image[..., 3:].movedim(-1, 1)
+    mean, std = tv.vae_posterior(sd15_vae, 0.5 + (rgb - 0.5) * alpha)
+    torch.testing.assert_close(mean, sd15_vae.encode(0.5 + (image[..., :3] - 0.5) * image[..., 3:]), atol=1e-4, rtol=1e-4)
+    store = pack_module("nodes.model_store")
+    encoder_file = store.weight_path(pack_module("lib_layerdiffuse.weight_files").TRANSPARENT_ENCODERS["SD15"])
+    encoder = store.network(encoder_file, lib.LatentTransparencyOffsetEncoder).model
+    offset = lib.transparency_offset(encoder, rgb, alpha)
+    assert offset.abs().max() > 0
+    torch.testing.assert_close(z, mean + std * offset, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_decode_round_trip(pack, layer_model_dir, sd15_vae):
+    image = rgba_disc(64, 64)
+    (latent,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=image, sd_version="SD15")
+    decoded = sd15_vae.decode(latent["samples"])
+    (rgba,) = run_node(pack, "LayeredDiffusionDecodeRGBA", samples=latent, images=decoded, sd_version="SD15",
+                       sub_batch_size=4)
+    assert rgba.shape == (1, 64, 64, 4) and torch.isfinite(rgba).all()
+
+
+def test_encode_crops_like_vae_encode_and_checks_masks(pack, layer_model_dir, sd15_vae):
+    (latent,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=torch.rand(1, 70, 61, 3), sd_version="SD15")
+    assert latent["samples"].shape == (1, 4, 8, 7)
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match="3 masks for 2 images"):
+        run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=torch.rand(2, 64, 64, 3),
+                 mask=torch.zeros(3, 64, 64), sd_version="SD15")
+
+
+def test_checkerboard_preview(pack):
+    image = torch.zeros(1, 32, 32, 4)
+    (preview,) = run_node(pack, "LayeredDiffusionCheckerboard", image=image, square=16)
+    assert preview.shape == (1, 32, 32, 3)
+    assert preview[0, 0, 0, 0] != preview[0, 0, 16, 0]
+    opaque = torch.ones(1, 32, 32, 4)
+    assert torch.equal(run_node(pack, "LayeredDiffusionCheckerboard", image=opaque, square=16)[0], opaque[..., :3])
