@@ -26,6 +26,11 @@ def _manual_hint(name: str, url: str, folder: str) -> str:
     return f"Download {url} and save it as {os.path.join(folder, name)}"
 
 
+def offline_message(name: str, url: str, folder: str) -> str:
+    """What to do about a file that is missing while downloads are off."""
+    return f"{name} is not in {folder} and HF_HUB_OFFLINE is set. {_manual_hint(name, url, folder)}"
+
+
 def download(url: str, folder: str, name: str, on_progress: Optional[Callable[[int, int], None]] = None) -> str:
     """Download `url` to `folder/name` and return that path.
 
@@ -33,7 +38,7 @@ def download(url: str, folder: str, name: str, on_progress: Optional[Callable[[i
     """
     target = os.path.join(folder, name)
     if offline():
-        raise WeightFileError(f"{name} is not in {folder} and HF_HUB_OFFLINE is set. {_manual_hint(name, url, folder)}")
+        raise WeightFileError(offline_message(name, url, folder))
     os.makedirs(folder, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
     try:

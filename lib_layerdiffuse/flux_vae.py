@@ -38,6 +38,8 @@ SHIFT_FACTOR = 0.1159
 # The port's TransparentVAE.alpha: how many posterior standard deviations one unit of the
 # offset encoder's output is worth.
 OFFSET_SCALE = 300.0
+# The port VAE-encodes a transparent image composited over exactly 50% grey.
+FLATTEN_GREY = 0.5
 
 PTH_NAME = "TransparentVAE.pth"
 SAFETENSORS_NAME = "TransparentVAE.safetensors"

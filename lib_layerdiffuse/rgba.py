@@ -3,7 +3,8 @@
 - `pad_rgb`: the colour the offset encoder expects under transparent pixels, filled in from an
   alpha-weighted image pyramid (the reference's `pad_rgb`, which uses OpenCV's INTER_AREA and
   INTER_LINEAR resizes; both are reproduced here in torch).
-- `flatten_on_grey`: the RGB image the VAE encodes for an RGBA input.
+- `flatten_on_grey`: the RGB image the VAE encodes for an RGBA input (SD1.5/SDXL: over the
+  reference's 8-bit grey, `REFERENCE_GREY`).
 - `checkerboard_preview`: RGBA shown over a checkerboard, for preview nodes.
 """
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 PYRAMID_STEP = 1.2
+# The grey the SD1.5/SDXL reference composites a transparent image over before VAE-encoding it:
+# 8-bit (127, 127, 127), not exactly 50%.
+REFERENCE_GREY = 127 / 255
 
 
 def _area_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +97,9 @@ def offset_encoder_feed(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return torch.cat([alpha.float(), pad_rgb(rgb, alpha)], dim=1)
 
 
-def flatten_on_grey(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The RGBA image composited over 50% grey: what the VAE sees of a transparent image."""
-    return 0.5 + (rgb - 0.5) * alpha
+def flatten_on_grey(rgb: torch.Tensor, alpha: torch.Tensor, grey: float = REFERENCE_GREY) -> torch.Tensor:
+    """The RGBA image composited over a flat `grey`: what the VAE sees of a transparent image."""
+    return grey + (rgb - grey) * alpha
 
 
 def checkerboard(height: int, width: int, square: int = 16, light: float = 0.8, dark: float = 0.6) -> torch.Tensor:

@@ -19,7 +19,7 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
-from ..lib_layerdiffuse.download import download
+from ..lib_layerdiffuse.download import download, offline, offline_message
 from ..lib_layerdiffuse.weight_files import WeightFile, build_model, read_safetensors
 
 FOLDER = "layer_model"
@@ -49,6 +49,16 @@ def weight_path(weight_file: WeightFile) -> str:
     bar = comfy.utils.ProgressBar(1)
     return download(weight_file.url, folder, weight_file.name,
                     on_progress=lambda done, total: bar.update_absolute(done, max(total, done)))
+
+
+def missing_file_problem(weight_file: WeightFile) -> str | None:
+    """Why a prompt that needs `weight_file` cannot run, for a node's validate_inputs: the file is in
+    no layer_model folder and downloads are off (HF_HUB_OFFLINE). None when it is there or will be
+    downloaded on first use. ComfyUI rejects a prompt with every node's validation problem at
+    once, so every missing file is named in one answer."""
+    if offline() and folder_paths.get_full_path(FOLDER, weight_file.name) is None:
+        return offline_message(weight_file.name, weight_file.url, folder_paths.get_folder_paths(FOLDER)[0])
+    return None
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

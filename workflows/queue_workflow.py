@@ -31,6 +31,8 @@ import uuid
 from typing import Any, Callable, Iterable, Optional
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+# Outside any checkout, so that running the client from the pack's folder leaves no files in it.
+DEFAULT_OUTPUT_DIR = os.path.join(os.path.expanduser("~"), "layerdiffuse_output")
 
 # Nodes whose latent batch must be a multiple of the frames they generate together.
 FRAMES_PER_IMAGE = {"LayeredDiffusionJointApply": 3, "LayeredDiffusionCondJointApply": 2}
@@ -67,6 +69,19 @@ def load_workflow(path: str) -> dict:
             for node in data.values()):
         raise ClientError(f"{path} is not an API-format workflow (node id -> class_type and inputs)", EXIT_USAGE)
     return data
+
+
+def model_downloads(api_path: str) -> dict[str, dict]:
+    """file name -> {"url", "directory"} from the `models` list of the workflow's UI twin (the
+    file of the same name one folder up from workflows/api/), where ComfyUI's missing-models
+    dialog takes them from; empty when there is no twin."""
+    twin = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(api_path))), os.path.basename(api_path))
+    try:
+        with open(twin, encoding="utf-8") as handle:
+            models = json.load(handle).get("models", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {m["name"]: m for m in models if isinstance(m, dict) and {"name", "url", "directory"} <= set(m)}
 
 
 def _title(node: dict) -> str:
@@ -353,7 +368,7 @@ class ComfyClient:
             raise ClientError(f"{self.server} does not answer like ComfyUI (/system_stats: {error})",
                               EXIT_UNREACHABLE) from error
 
-    def queue(self, workflow: dict) -> str:
+    def queue(self, workflow: dict, downloads: Optional[dict] = None) -> str:
         status, body = self.request("/prompt", {"prompt": workflow, "client_id": self.client_id})
         try:
             answer = json.loads(body or b"{}")
@@ -361,7 +376,16 @@ class ComfyClient:
             answer = {}
         if status == 200 and "prompt_id" in answer:
             return answer["prompt_id"]
-        raise ClientError(describe_rejection(status, answer, workflow, body), EXIT_REJECTED)
+        raise ClientError(describe_rejection(status, answer, workflow, body, self.unknown_node_types(workflow),
+                                             downloads or {}), EXIT_REJECTED)
+
+    def unknown_node_types(self, workflow: dict) -> list[str]:
+        """The workflow's node types this server does not have (newer servers name only the first)."""
+        try:
+            known = self.get_json("/object_info")
+        except (ClientError, ValueError):
+            return []
+        return sorted({node["class_type"] for node in workflow.values()} - set(known))
 
     def open_websocket(self) -> Optional[WebSocket]:
         parts = urllib.parse.urlsplit(self.server)
@@ -437,25 +461,42 @@ class ComfyClient:
         return saved
 
 
-def describe_rejection(status: int, answer: dict, workflow: dict, body: bytes) -> str:
-    """A readable account of a /prompt refusal: the error, then each node's problems."""
+def describe_rejection(status: int, answer: dict, workflow: dict, body: bytes, unknown_types: Iterable[str] = (),
+                       downloads: Optional[dict] = None) -> str:
+    """A readable account of a /prompt refusal: the error, the node types the server lacks, each
+    node's problems, and for a missing model file where to get it or how to use one of your own."""
     error = answer.get("error")
     if not isinstance(error, dict):
         return f"ComfyUI rejected the workflow (HTTP {status}): {body[:500].decode('utf-8', 'replace')}"
     lines = [f"ComfyUI rejected the workflow: {error.get('message', 'invalid prompt')}"]
     if error.get("details"):
         lines.append(f"  {error['details']}")
-    missing = [f"{node_id} ({node['class_type']})" for node_id, node in workflow.items()
-               if node["class_type"] in str(error.get("message", ""))]
-    if error.get("type") in ("invalid_prompt", "missing_node_type") and missing:
-        lines.append("  That node type is not installed in this ComfyUI: install the custom node pack that provides it "
-                     "(for Layer Diffuse nodes: this pack, in custom_nodes/) and restart ComfyUI.")
+    unknown = sorted(unknown_types)
+    if unknown:
+        lines.append(f"  Node types this ComfyUI does not have: {', '.join(unknown)}. Install the custom node packs that "
+                     "provide them (for Layer Diffuse nodes: this pack, in custom_nodes/) and restart ComfyUI.")
     for node_id, problem in (answer.get("node_errors") or {}).items():
-        title = _title(workflow.get(node_id, {})) or problem.get("class_type", "")
+        node = workflow.get(node_id, {})
+        title = _title(node) or problem.get("class_type", "")
         for item in problem.get("errors", []):
             detail = f": {item['details']}" if item.get("details") else ""
             lines.append(f"  node {node_id} ({title}): {item.get('message', 'error')}{detail}")
+            if item.get("type") == "value_not_in_list":
+                lines.extend(_missing_file_hint(node, (item.get("extra_info") or {}).get("input_name"), downloads or {}))
     return "\n".join(lines)
+
+
+def _missing_file_hint(node: dict, input_name: Optional[str], downloads: dict) -> list[str]:
+    """Where to get a model file a node names but the server lacks, and how to use your own."""
+    value = (node.get("inputs") or {}).get(input_name)
+    if not isinstance(value, str) or not input_name:
+        return []
+    hint = []
+    source = downloads.get(value)
+    if source:
+        hint.append(f"    {value}: download {source['url']} into ComfyUI/models/{source['directory']}/,")
+    hint.append(f"    {'or use' if source else 'Use'} a file you have: --set {node.get('class_type')}.{input_name}=<file name>")
+    return hint
 
 
 def describe_failure(entry: dict) -> str:
@@ -487,7 +528,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="set any input; NODE is a node id, class type or title, VALUE is JSON or text "
                              "(e.g. --set CheckpointLoaderSimple.ckpt_name=my_model.safetensors --set KSampler.steps=8)")
-    parser.add_argument("--output-dir", default="layerdiffuse_output", help="where to write the images (default %(default)s)")
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where to write the images (default %(default)s)")
     parser.add_argument("--previews", action="store_true", help="also download preview images (temp outputs)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the result (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only the saved file paths and errors")
@@ -506,7 +547,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         client.check_server()
         websocket = client.open_websocket()
         try:
-            prompt_id = client.queue(workflow)
+            prompt_id = client.queue(workflow, model_downloads(args.workflow))
             log(f"queued prompt {prompt_id} on {client.server}")
             entry = client.wait(prompt_id, websocket, args.timeout)
         finally:

@@ -68,7 +68,7 @@ def test_flux_nodes_register_through_comfyui_loader(pack):
 def test_vae_from_the_file_is_a_flux_vae(flux_vae, flux_golden):
     assert flux_vae.latent_channels == 16 and flux_vae.vae_dtype == torch.float32
     assert type(flux_vae.first_stage_model.regularization).__name__ == "DiagonalGaussianRegularizer"
-    pixel = pack_module("nodes.flux").decode_unclamped(flux_vae, flux_golden["decoder.latent"])
+    pixel = pack_module("nodes.vae_pipeline").decode_unclamped(flux_vae, flux_golden["decoder.latent"])
     torch.testing.assert_close(pixel, flux_golden["chain.origin_pixel"], atol=ATOL, rtol=0)
     # The decoder needs these unclamped values: ComfyUI's VAE.decode would clamp them.
     assert pixel.min() < -0.5 and pixel.max() > 1.2
@@ -92,7 +92,7 @@ def test_decode_node_matches_the_chain_golden(pack, flux_vae, flux_golden):
 def test_encode_node_matches_the_chain_golden(pack, flux_vae, flux_golden):
     image = flux_golden["encoder_pipeline.rgba_uint8"].float() / 255
     rgb, alpha = image[..., :3].movedim(-1, 1), image[..., 3:].movedim(-1, 1)
-    mean, std = pack_module("nodes.transparent_vae").vae_posterior(flux_vae, 0.5 + (rgb - 0.5) * alpha)
+    mean, std = pack_module("nodes.vae_pipeline").vae_posterior(flux_vae, 0.5 + (rgb - 0.5) * alpha)
     torch.testing.assert_close(mean, flux_golden["chain.posterior_mean"], atol=ATOL_X300, rtol=0)
     torch.testing.assert_close(std, flux_golden["chain.posterior_std"], atol=ATOL_X300, rtol=0)
 
@@ -138,7 +138,7 @@ def test_decode_passes_and_progress(pack, flux_vae, flux_golden, monkeypatch):
                         sub_batch_size=2, passes="1", precision="float32")
     assert updates == [(1, 2), (2, 2)]
     # One pass is the clipped single pass of the decoder on the unclamped pixels.
-    decoder = pack_module("nodes.flux").network("decoder", pack_module("lib_layerdiffuse.flux_vae").decoder,
+    decoder = pack_module("nodes.flux_weights").network("decoder", pack_module("lib_layerdiffuse.flux_vae").decoder,
                                                  torch.float32).model
     with torch.no_grad():
         single = decoder(flux_golden["chain.origin_pixel"], flux_golden["decoder.latent"]).clamp(0, 1)
@@ -221,7 +221,7 @@ def test_apply_node_patches_the_model_through_comfyui(pack, flux_dev_on_meta, la
 
 
 def test_lora_keys_that_fit_nothing_are_an_error(pack, flux_dev_on_meta):
-    flux = pack_module("nodes.flux")
+    flux = pack_module("nodes.flux_weights")
     weight_files = pack_module("lib_layerdiffuse.weight_files")
     lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4),

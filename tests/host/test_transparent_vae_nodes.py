@@ -222,11 +222,12 @@ def test_encode_is_posterior_mean_plus_std_times_offset(pack, layer_model_dir, s
     (again,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=image, sd_version="SD15")
     torch.testing.assert_close(again["samples"], z)
 
-    tv = pack_module("nodes.transparent_vae")
+    pipeline = pack_module("nodes.vae_pipeline")
     lib = pack_module("lib_layerdiffuse.transparent_vae")
     rgb, alpha = image[..., :3].movedim(-1, 1), image[..., 3:].movedim(-1, 1)
-    mean, std = tv.vae_posterior(sd15_vae, 0.5 + (rgb - 0.5) * alpha)
-    torch.testing.assert_close(mean, sd15_vae.encode(0.5 + (image[..., :3] - 0.5) * image[..., 3:]), atol=1e-4, rtol=1e-4)
+    grey = 127 / 255  # the reference flattens on 8-bit grey
+    mean, std = pipeline.vae_posterior(sd15_vae, grey + (rgb - grey) * alpha)
+    torch.testing.assert_close(mean, sd15_vae.encode(grey + (image[..., :3] - grey) * image[..., 3:]), atol=1e-4, rtol=1e-4)
     store = pack_module("nodes.model_store")
     encoder_file = store.weight_path(pack_module("lib_layerdiffuse.weight_files").TRANSPARENT_ENCODERS["SD15"])
     encoder = store.network(encoder_file, lib.LatentTransparencyOffsetEncoder).model

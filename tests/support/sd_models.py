@@ -79,16 +79,18 @@ def replay_apply_model(model, tensors: dict[str, torch.Tensor], prefix: str) -> 
         return model.model.apply_model(x, timestep, c_crossattn=context, transformer_options=options)
 
 
-def golden_patch(apply_module, stem: str, model, tensors, **overrides):
+def golden_patch(stem: str, model, tensors, **overrides):
     """The node-level patch each golden records, applied with our code and the synthetic layer file."""
+    from .pack import pack_module
+
+    modes = pack_module("nodes.modes")
     modes_name, config, manifest, seed = SD15_GOLDENS[stem]
-    mode = apply_module._mode(getattr(apply_module, modes_name), config)
-    frames = mode.frames
-    overwrites = [tensors[f"input.overwrite_context_{i}"] for i in range(frames)] if frames > 1 else []
+    mode = modes.find_mode(getattr(modes, modes_name), config)
+    overwrites = [tensors[f"input.overwrite_context_{i}"] for i in range(mode.frames)] if mode.frames > 1 else []
     control = tensors.get("input.control_image") if mode.control else None
     kwargs = dict(overwrites=overwrites, control_image=control, weight_path=str(synthetic_file(manifest, seed=seed)))
     kwargs.update(overrides)
-    return apply_module.apply_attention_sharing(model, mode, **kwargs)
+    return pack_module("nodes.sd15_sharing").apply_attention_sharing(model, mode, **kwargs)
 
 
 def sample_evals(model, tensors: dict[str, torch.Tensor], sigmas: list[float], cond=None, uncond=None) -> list[torch.Tensor]:
