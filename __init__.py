@@ -1,4 +1,4 @@
-"""comfyui-layerdiffuse: LayerDiffuse (transparent image layer diffusion) for ComfyUI.
+"""LayerDiffuse for ComfyUI: transparent image layer diffusion (latent transparency) as ComfyUI nodes.
 
 ComfyUI loads this file as a custom node package and calls `comfy_entrypoint`. There is
 deliberately no NODE_CLASS_MAPPINGS: ComfyUI ignores `comfy_entrypoint` when one exists.

@@ -473,8 +473,8 @@ def describe_rejection(status: int, answer: dict, workflow: dict, body: bytes, u
         lines.append(f"  {error['details']}")
     unknown = sorted(unknown_types)
     if unknown:
-        lines.append(f"  Node types this ComfyUI does not have: {', '.join(unknown)}. Install the custom node packs that "
-                     "provide them (for Layer Diffuse nodes: this pack, in custom_nodes/) and restart ComfyUI.")
+        lines.append(f"  Node types not installed in this ComfyUI: {', '.join(unknown)}. Install the custom node packs "
+                     "that provide them (for Layer Diffuse nodes: this pack, in custom_nodes/) and restart ComfyUI.")
     for node_id, problem in (answer.get("node_errors") or {}).items():
         node = workflow.get(node_id, {})
         title = _title(node) or problem.get("class_type", "")

@@ -12,9 +12,9 @@ ATOL = 1e-4  # float32, the testkit's tolerance; the reference moves 2e-5 when i
 
 
 @pytest.mark.parametrize("stem", sorted(SD15_GOLDENS))
-def test_golden_parity(sd15_model, apply_module, stem):
+def test_golden_parity(sd15_model, stem):
     meta, g = golden(stem)
-    patched = golden_patch(apply_module, stem, sd15_model, g)
+    patched = golden_patch(stem, sd15_model, g)
     # the node-level x0 prediction, then the whole CFG sampling call the golden records
     direct = replay_apply_model(patched, g, "patched")
     assert (direct - g["patched.apply_model.0.output"]).abs().max() < ATOL
@@ -34,10 +34,10 @@ def sd15_model_fp16_weights(comfyui_path):
     release_models()
 
 
-def test_golden_parity_with_float16_weights(sd15_model_fp16_weights, apply_module):
+def test_golden_parity_with_float16_weights(sd15_model_fp16_weights):
     stem = "sd15_fg2bg_seed0"  # the golden's checkpoint is float16 on disk, so the values are the same
     meta, g = golden(stem)
-    patched = golden_patch(apply_module, stem, sd15_model_fp16_weights, g)
+    patched = golden_patch(stem, sd15_model_fp16_weights, g)
     compute = sd15_model_fp16_weights.model.manual_cast_dtype or torch.float16
     unit = patched.object_patches["diffusion_model.middle_block.1.transformer_blocks.0.attn2"]
     assert next(unit.sharing.parameters()).dtype == compute

@@ -172,13 +172,24 @@ def test_missing_weights_offline_name_file_url_and_folder(pack, tmp_path, monkey
 
 
 def test_progress_bar_advances_over_the_decode_passes(pack, layer_model_dir, monkeypatch):
+    """One step per decoder pass (8 passes x 2 sub-batches). What reaches the UI is the host's
+    business: 0.33 throttles the hook between the first and the last value, 0.8 sends them all."""
     import comfy.utils
 
-    updates = []
-    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: updates.append((value, total)))
+    steps, shown = [], []
+    original_update = comfy.utils.ProgressBar.update
+
+    def update(bar, value):
+        steps.append((value, bar.total))
+        return original_update(bar, value)
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update", update)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: shown.append((value, total)))
     run_node(pack, "LayeredDiffusionDecode", samples={"samples": torch.randn(3, 4, 8, 8)},
              images=torch.rand(3, 64, 64, 3), sd_version="SD15", sub_batch_size=2)
-    assert updates == [(i, 16) for i in range(1, 17)]
+    assert steps == [(1, 16)] * 16
+    values = [value for value, _ in shown]
+    assert shown[0] == (1, 16) and shown[-1] == (16, 16) and values == sorted(set(values))
 
 
 def test_missing_weight_file_is_downloaded_into_layer_model(pack, tmp_path, monkeypatch):

@@ -7,12 +7,13 @@ import ast
 import json
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
 from support.client import CLIENT, client_module, run_client
 from support.net import free_port
-from support.paths import API_DIR, WORKFLOW_DIR
+from support.paths import API_DIR, PACK_ROOT, WORKFLOW_DIR
 from support.workflows import api_workflow_names, load_api
 
 
@@ -93,3 +94,17 @@ def test_websocket_frames_survive_timeouts_and_fragmentation():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_default_output_folder_is_outside_the_pack():
+    output = Path(client_module().parse_args(["workflow.json"]).output_dir).resolve()
+    assert PACK_ROOT not in output.parents and output != PACK_ROOT
+    assert output == (Path.home() / "layerdiffuse_output").resolve()
+
+
+def test_model_links_come_from_the_ui_twin(tmp_path):
+    downloads = client_module().model_downloads(str(API_DIR / "sd15_transparent_fg_attn.json"))
+    checkpoint = downloads["v1-5-pruned-emaonly-fp16.safetensors"]
+    assert checkpoint["directory"] == "checkpoints" and checkpoint["url"].startswith("https://huggingface.co/")
+    assert downloads["layer_sd15_transparent_attn.safetensors"]["directory"] == "layer_model"
+    assert client_module().model_downloads(str(tmp_path / "nowhere.json")) == {}

@@ -24,7 +24,7 @@ def test_every_ui_workflow_has_an_api_twin():
 def test_every_generation_mode_has_a_workflow():
     configs = {(node["type"], value) for name in UI_NAMES for node in load_ui(name)["nodes"]
                if node["type"] in APPLY_NODE_IDS for value in node["widgets_values"] if isinstance(value, str)}
-    source = (PACK_ROOT / "nodes" / "apply.py").read_text()
+    source = (PACK_ROOT / "nodes" / "modes.py").read_text()
     expected = {("LayeredDiffusionApply", c) for c in ("SDXL, Attention Injection", "SDXL, Conv Injection",
                                                         "SD15, Attention Injection, attn_sharing")}
     expected |= {("LayeredDiffusionJointApply", "SD15, attn_sharing, Batch size (3N)")}
@@ -101,8 +101,12 @@ def test_install_metadata():
     assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
     assert (PACK_ROOT / meta["license"]["file"]).is_file()
     assert meta["description"] and meta["requires-python"]
+    # The registry id is not the peer pack's ("comfyui-layerdiffuse") and, as the registry asks,
+    # does not contain "comfyui"; the supported host range is stated.
+    assert "comfyui" not in meta["name"].lower()
     comfy = project["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"]
+    assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"])
     for url in meta.get("urls", {}).values():
         assert url.startswith("https://")
     requirements = [line.split("#")[0].strip() for line in (PACK_ROOT / "requirements.txt").read_text().splitlines()]

@@ -135,7 +135,7 @@ def test_the_locale_names_every_node(comfy_server, object_info):
 def test_a_clone_installed_in_custom_nodes_is_a_working_pack(comfyui_path, object_info, tmp_path):
     """What ComfyUI-Manager and `git clone` put in custom_nodes/ loads with ComfyUI's own loader and
     registers every node; workflows, thumbnails and locale travel with it."""
-    target = tmp_path / "custom_nodes" / "comfyui-layerdiffuse"
+    target = tmp_path / "custom_nodes" / "layerdiffuse-transparency"
     files = _repository_files()
     for name in files:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
