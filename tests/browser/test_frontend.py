@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import urllib.request
 from pathlib import Path
 
@@ -68,10 +67,13 @@ def same_value(saved, loaded) -> bool:
     return saved == loaded
 
 
-def listed_downloads(dialogs: list[str]) -> set[tuple[str, str]]:
-    """(folder, file) pairs in the missing-models dialog."""
-    text = "\n".join(d for d in dialogs if "Missing Models" in d)
-    return set(re.findall(r"^([\w-]+) / (\S+)$", text, flags=re.M))
+def named_by_widgets(graph: dict) -> set[str]:
+    """The string values of the nodes' widgets (model files among them)."""
+    values = set()
+    for node in graph["nodes"]:
+        saved = node.get("widgets_values") or []
+        values.update(v for v in (saved.values() if isinstance(saved, dict) else saved) if isinstance(v, str))
+    return values
 
 
 def test_template_browser_offers_the_workflows_with_thumbnails(browser, comfy_server, object_info, tmp_path):
@@ -97,20 +99,26 @@ def test_shipped_workflow_loads_by_drag_and_drop(browser, comfy_server, object_i
     close_dialogs(browser)
     result = drop_workflow(browser, WORKFLOW_DIR / f"{name}.json")
     browser.screenshot(tmp_path / f"{name}.png")
+    reported = result["reported"]
     assert result["missing"] == []
-    assert not any("missing nodes" in d for d in result["dialogs"]), result["dialogs"]
+    assert reported["missing_nodes"] == ""
     assert sorted(result["types"]) == sorted(n["type"] for n in graph["nodes"])
     for node in graph["nodes"]:
         loaded = result["widgets"][str(node["id"])]
         saved = node.get("widgets_values") or []
         assert len(loaded) >= len(saved), (node["type"], loaded)
         assert all(same_value(s, v) for s, v in zip(saved, loaded)), (node["type"], saved, loaded)
-    # ComfyUI offers every weight the server lacks for download into its folder.
-    offered = listed_downloads(result["dialogs"])
+    # ComfyUI offers every weight of the workflow's list that the server lacks for download into its
+    # folder. The Errors tab looks only at the files that widgets name (the list gives their URLs and
+    # folders), so the LayerDiffuse files, chosen by the nodes' config and fetched by the nodes on
+    # first use, are not among them there; the dialog of frontend 1.35 offers the whole list.
     models = {(m["directory"], m["name"]) for m in graph.get("models", [])}
     lacking = {(d, n) for d, n in models if n not in server_models(comfy_server, d)}
-    assert lacking <= offered <= models, (lacking, offered)
-    assert not any("Invalid directory" in d or "not allowed" in d for d in result["dialogs"] if "Missing Models" in d)
+    if reported["ui"] == "errors_tab":
+        lacking = {(d, n) for d, n in lacking if n in named_by_widgets(graph)}
+    offered = {(folder, file) for folder, file, download in reported["models"] if download}
+    assert lacking, "every shipped workflow names a base model that the test server lacks"
+    assert lacking <= offered <= models, (lacking, reported["models"])
 
 
 def test_unknown_node_is_reported(browser, tmp_path):
@@ -121,8 +129,7 @@ def test_unknown_node_is_reported(browser, tmp_path):
     result = drop_workflow(browser, Path("unknown_node.json"), json.dumps(graph))
     browser.screenshot(tmp_path / "unknown_node.png")
     assert result["missing"] == ["LayeredDiffusionNoSuchNode"]
-    warning = [d for d in result["dialogs"] if "missing nodes" in d]
-    assert warning and "LayeredDiffusionNoSuchNode" in warning[0]
+    assert "LayeredDiffusionNoSuchNode" in result["reported"]["missing_nodes"], result["reported"]
     close_dialogs(browser)
 
 

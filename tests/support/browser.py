@@ -3,7 +3,11 @@
 `Browser` starts chromedriver on 127.0.0.1, opens a session with a throwaway profile and offers
 what the frontend tests need: open a page, run (async) JavaScript, take a screenshot.
 `drop_workflow` loads a workflow file into ComfyUI's frontend the way drag-and-drop does: a
-`drop` event carrying a File, handled by the app's own drop handler.
+`drop` event carrying a File, handled by the app's own drop handler; it also reads what the
+frontend then tells the user about missing nodes and models. Frontend 1.35 (ComfyUI 0.8) opens
+dialogs ("This workflow has missing nodes", "Missing Models"); since the Errors tab (frontend 1.40,
+setting Comfy.RightSidePanel.ShowErrorsTab) an error overlay appears instead, and its "View details"
+opens the Errors tab of the right side panel ("Missing Node Packs", "Missing Models").
 """
 from __future__ import annotations
 
@@ -143,7 +147,7 @@ if (!window.__layerdiffuseLoads) {
 return window.__layerdiffuseLoads.length;
 """
 
-# Waits for the next recorded load, then reports the graph and the open dialogs.
+# Waits for the next recorded load, then reports the graph.
 LOADED_SCRIPT = """
 const [before, done] = arguments;
 (async () => {
@@ -152,15 +156,80 @@ const [before, done] = arguments;
     if (Date.now() - start > 60000) { done({ error: 'the app did not load the workflow within 60 s' }); return; }
     await new Promise((r) => setTimeout(r, 100));
   }
-  await new Promise((r) => setTimeout(r, 1000));  // let the warning dialogs render
   const nodes = window.app.graph.nodes;
   done({
     missing: window.__layerdiffuseLoads[window.__layerdiffuseLoads.length - 1],
     node_count: nodes.length,
     types: nodes.map((n) => n.type),
     widgets: Object.fromEntries(nodes.map((n) => [String(n.id), (n.widgets || []).map((w) => w.value)])),
-    dialogs: [...document.querySelectorAll('.p-dialog')].map((d) => d.innerText),
   });
+})();
+"""
+
+# What the user is told about missing nodes and models after a load: `ui` ('dialogs' or
+# 'errors_tab'), `missing_nodes` (the text of the UI that lists them, with the accessible labels of
+# its buttons; '' when none is shown) and `models`, one [folder, file, offered for download] per
+# listed file (folder null when the frontend names none).
+REPORT_SCRIPT = """
+const done = arguments[arguments.length - 1];
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const textWithLabels = (e) =>
+  [e.innerText, ...[...e.querySelectorAll('[aria-label]')].map((b) => b.getAttribute('aria-label'))].join('\\n');
+
+function fromDialogs() {
+  const dialogs = [...document.querySelectorAll('.p-dialog')];
+  return {
+    missing_nodes: dialogs.filter((d) => /missing nodes/i.test(d.innerText)).map(textWithLabels).join('\\n'),
+    models: [...document.querySelectorAll('.p-dialog .comfy-missing-models [role=option]')].map((row) => {
+      const [folder, file] = row.querySelector('span[title]').innerText.split(' / ');
+      const download = row.querySelector('button');  // disabled when the URL or folder is refused
+      return [folder, file, !!download && !download.disabled];
+    }),
+  };
+}
+
+function fromErrorsTab() {
+  const panel = document.querySelector('[data-testid=properties-panel]');
+  const nodes = panel && panel.querySelector('[data-testid=missing-node-card]');
+  const rows = panel ? [...panel.querySelectorAll('[data-testid=missing-model-importable-rows] > *')] : [];
+  return {
+    missing_nodes: nodes ? textWithLabels(nodes) : '',
+    models: rows.map((row) => {
+      const name = row.querySelector('[title]');
+      // Under the file name: its folder ("Unknown" when the frontend knows none), then " · size".
+      const folder = name.parentElement.nextElementSibling.innerText.split(' · ')[0].trim();
+      return [folder === 'Unknown' ? null : folder, name.getAttribute('title'),
+              !!row.querySelector('[data-testid=missing-model-download]')];
+    }),
+  };
+}
+
+// The report once it has not changed for a second (the frontend fills it in asynchronously).
+async function settled(read) {
+  let last = JSON.stringify(read());
+  let since = Date.now();
+  const start = since;
+  while (Date.now() - since < 1000 && Date.now() - start < 20000) {
+    await sleep(100);
+    const now = JSON.stringify(read());
+    if (now !== last) { last = now; since = Date.now(); }
+  }
+  return JSON.parse(last);
+}
+
+(async () => {
+  if (window.app.extensionManager.setting.get('Comfy.RightSidePanel.ShowErrorsTab') === undefined) {
+    done({ ui: 'dialogs', ...(await settled(fromDialogs)) });
+    return;
+  }
+  // The overlay comes once the missing-model scan has finished; nothing to report makes none.
+  const start = Date.now();
+  let details;
+  while (!(details = document.querySelector('[data-testid=error-overlay-see-errors]')) && Date.now() - start < 5000) {
+    await sleep(100);
+  }
+  if (details) details.click();
+  done({ ui: 'errors_tab', ...(await settled(fromErrorsTab)) });
 })();
 """
 
@@ -183,7 +252,13 @@ const done = arguments[arguments.length - 1];
     else document.dispatchEvent(new KeyboardEvent('keydown', { key: 'Escape', bubbles: true }));
     await new Promise((r) => setTimeout(r, 300));
   }
-  done(document.querySelectorAll('.p-dialog').length);
+  const overlay = document.querySelector('[data-testid=error-overlay-dismiss]');
+  if (overlay) overlay.click();
+  if (document.querySelector('[data-testid=properties-panel]')) {
+    await window.app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', false);
+  }
+  await new Promise((r) => setTimeout(r, 300));
+  done(document.querySelectorAll('.p-dialog, [data-testid=error-overlay], [data-testid=properties-panel]').length);
 })();
 """
 
@@ -192,12 +267,14 @@ def _loaded(browser: Browser, before: int, what: str) -> dict:
     result = browser.run_async(LOADED_SCRIPT, before)
     if result.get("error"):
         raise WebDriverError(f"{what}: {result['error']}")
+    result["reported"] = browser.run_async(REPORT_SCRIPT)
     return result
 
 
 def drop_workflow(browser: Browser, path: Path, text: Optional[str] = None) -> dict:
     """Load a workflow file as drag-and-drop does; returns what the app reported: `missing`
-    node types, node `types`, `widgets` values by node id, the texts of open `dialogs`."""
+    node types (as extensions are told), node `types`, `widgets` values by node id, and what the
+    user is shown about missing nodes and models (`reported`, see REPORT_SCRIPT)."""
     before = browser.run(RECORDER_SCRIPT)
     browser.run(DROP_SCRIPT, path.name, text if text is not None else path.read_text())
     return _loaded(browser, before, path.name)
