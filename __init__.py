@@ -10,13 +10,15 @@ from comfy_api.latest import ComfyExtension, io
 from .nodes import model_store
 from .nodes.apply import APPLY_NODES
 from .nodes.flux import FLUX_NODES
+from .nodes.save_layers import SAVE_LAYERS_NODES
 from .nodes.transparent_vae import TRANSPARENT_VAE_NODES
+from .nodes.upscale import UPSCALE_NODES
 
 
 class LayerDiffuseExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*APPLY_NODES, *TRANSPARENT_VAE_NODES, *FLUX_NODES]
+        return [*APPLY_NODES, *TRANSPARENT_VAE_NODES, *FLUX_NODES, *UPSCALE_NODES, *SAVE_LAYERS_NODES]
 
 
 async def comfy_entrypoint() -> LayerDiffuseExtension:
