@@ -13,7 +13,7 @@ MAX_TOKEN = 128
 
 def _tokens(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, length, is_literal) of every token of a [H, W] plane, starts as flat indices."""
-    height, width = plane.shape
+    width = plane.shape[1]
     flat = plane.reshape(-1)
     col = np.arange(flat.size) % width
     run_start = np.ones(flat.size, dtype=bool)

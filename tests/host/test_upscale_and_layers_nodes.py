@@ -4,7 +4,6 @@ with ComfyUI's counters and metadata, previews, and the LAYERS document through 
 Layered Image where the host has that type."""
 from __future__ import annotations
 
-import io
 import json
 import sys
 import zipfile
@@ -29,6 +28,12 @@ def node(pack, node_id):
 def module_of(pack, node_id):
     """The pack module defining a node, as ComfyUI's loader imported it."""
     return sys.modules[node(pack, node_id).__module__]
+
+
+def pack_errors(pack):
+    """The pack's lib_layerdiffuse.errors as the loaded pack's modules use it."""
+    package = module_of(pack, UPSCALE).__name__.rsplit(".", 2)[0]
+    return sys.modules[package + ".lib_layerdiffuse.errors"]
 
 
 def green_discs(batch: int = 2, size: int = 32) -> torch.Tensor:
@@ -101,7 +106,7 @@ def test_sizes_follow_comfyui_upscale_image(pack):
 
 
 def test_too_large_an_output_is_an_error(pack):
-    errors = sys.modules[module_of(pack, UPSCALE).__name__.rsplit(".", 2)[0] + ".lib_layerdiffuse.errors"]
+    errors = pack_errors(pack)
     with pytest.raises(errors.InputError, match="16384"):
         run_upscale(pack, green_discs(1), width=20000)
 
@@ -191,7 +196,7 @@ def test_tiled_model_upscale_matches_one_tile(pack, load_upscale_model, monkeypa
 
 
 def test_a_non_rgb_model_is_refused(pack, load_upscale_model):
-    errors = sys.modules[module_of(pack, UPSCALE).__name__.rsplit(".", 2)[0] + ".lib_layerdiffuse.errors"]
+    errors = pack_errors(pack)
     with pytest.raises(errors.ModelError, match="3-channel"):
         run_upscale(pack, green_discs(1), upscale_model=load_upscale_model(1))
 
@@ -299,7 +304,7 @@ def test_rgb_foreground_with_mask(pack, output_dir):
 
 
 def test_mismatched_inputs_are_refused(pack, output_dir):
-    errors = sys.modules[module_of(pack, SAVE).__name__.rsplit(".", 2)[0] + ".lib_layerdiffuse.errors"]
+    errors = pack_errors(pack)
     images = layer_images(batch=2)
     with pytest.raises(errors.InputError, match="same size"):
         save_layers(pack, foreground=images["foreground"], background=images["background"][:, :20])
