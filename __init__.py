@@ -12,9 +12,11 @@ from comfy_api.latest import ComfyExtension, io
 from .nodes import coexistence, model_store
 from .nodes.apply import APPLY_NODES
 from .nodes.flux import FLUX_NODES
+from .nodes.save_layers import SAVE_LAYERS_NODES
 from .nodes.transparent_vae import TRANSPARENT_VAE_NODES
+from .nodes.upscale import UPSCALE_NODES
 
-NODES = [*APPLY_NODES, *TRANSPARENT_VAE_NODES, *FLUX_NODES]
+NODES = [*APPLY_NODES, *TRANSPARENT_VAE_NODES, *FLUX_NODES, *UPSCALE_NODES, *SAVE_LAYERS_NODES]
 
 
 class LayerDiffuseExtension(ComfyExtension):

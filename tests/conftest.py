@@ -69,9 +69,10 @@ def apply_module(pack):
 
 
 @pytest.fixture(scope="module")
-def sd15_model(comfyui_path):
-    """The synthetic SD1.5 checkpoint's MODEL (float32 UNet on the CPU), as the goldens load it.
-    Per module, so that the memory is back before the next module's models load."""
+def sd15_model(pack):
+    """The synthetic SD1.5 checkpoint's MODEL (float32 UNet on the CPU), as the goldens load it,
+    in a host with the pack loaded. Per module, so that the memory is back before the next
+    module's models load."""
     model = load_sd15_model(synthetic_file("sd15_checkpoint"))
     yield model
     del model

@@ -25,7 +25,7 @@ def test_golden_parity(sd15_model, stem):
 
 
 @pytest.fixture(scope="module")
-def sd15_model_fp16_weights(comfyui_path):
+def sd15_model_fp16_weights(pack):
     """The checkpoint loaded with float16 UNet weights: on the CPU ComfyUI computes in float32
     from them ("manual cast"), the path GPUs without fast fp16 take."""
     model = load_sd15_model(synthetic_file("sd15_checkpoint"), dtype=torch.float16)

@@ -1,0 +1,173 @@
+"""Upscale (RGBA): resize transparent images by resampling or with a ComfyUI upscale model,
+without dark or foreign fringes along the edges (the maths is in lib_layerdiffuse.rgba_upscale).
+
+Core's Upscale Image (using Model) cannot take RGBA: its 3-channel models would get 4 channels.
+Here a model runs twice per image, on the colour (bled into the transparent pixels) and on alpha
+as a grey image, through ComfyUI's tiling with core's out-of-memory fallback.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+import comfy.model_management as model_management
+import comfy.utils
+from comfy_api.latest import io
+
+from ..lib_layerdiffuse.errors import InputError, ModelError
+from ..lib_layerdiffuse.rgba_upscale import (
+    RESAMPLE_METHODS,
+    centre_crop_to_aspect,
+    output_size,
+    resize_rgba,
+    upscale_rgba_with_model,
+)
+from .host_compat import schema
+from .naming import CATEGORY, SEARCH_ALIASES
+from .rgba_io import join_rgba, rgba_image_inputs, split_rgba
+
+NODE = "Layer Diffuse Upscale (RGBA)"
+MAX_SIDE = 16384  # ComfyUI's MAX_RESOLUTION
+TILE = 512
+TILE_OVERLAP = 32
+MIN_TILE = 128
+# Core's estimate of an upscale model's working memory per input pixel and unit of scale.
+MODEL_BYTES_PER_PIXEL = 3 * 4 * 384
+
+
+def _is_oom(error: Exception) -> bool:
+    is_oom = getattr(model_management, "is_oom", None)  # ComfyUI 0.3x; older ones only have the type
+    return is_oom(error) if is_oom else isinstance(error, model_management.OOM_EXCEPTION)
+
+
+@contextmanager
+def _model_on_device(upscale_model, image: torch.Tensor) -> Iterator[torch.device]:
+    """The upscale model on ComfyUI's device for the block, placed as core's Upscale Image (using
+    Model) places it on the running ComfyUI version."""
+    memory = TILE * TILE * MODEL_BYTES_PER_PIXEL * max(upscale_model.scale, 1.0) + image.nelement() * 4
+    patcher = getattr(upscale_model, "patcher", None)
+    if patcher is not None:  # ComfyUI 0.3x's loader wraps the model in a ModelPatcher
+        model_management.load_models_gpu([patcher], memory_required=memory, force_full_load=True)
+        yield patcher.load_device
+        return
+    # Older versions move the bare model there and back.
+    device = model_management.get_torch_device()
+    model_management.free_memory(memory + model_management.module_size(upscale_model.model), device)
+    upscale_model.to(device)
+    try:
+        yield device
+    finally:
+        upscale_model.to(model_management.unet_offload_device())
+
+
+def tiled_model(upscale_model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[N,3,H,W] -> [N,3,H*s,W*s] through the model tile by tile, with a progress bar, halving the
+    tiles on running out of memory as core's Upscale Image (using Model) does."""
+    def run_tile(tile: torch.Tensor) -> torch.Tensor:
+        model_management.throw_exception_if_processing_interrupted()
+        return upscale_model(tile.to(upscale_model.dtype))
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device)
+        tile = TILE
+        while True:
+            try:
+                steps = images.shape[0] * comfy.utils.get_tiled_scale_steps(
+                    images.shape[-1], images.shape[-2], tile_x=tile, tile_y=tile, overlap=TILE_OVERLAP)
+                return comfy.utils.tiled_scale(
+                    images, run_tile, tile_x=tile, tile_y=tile, overlap=TILE_OVERLAP,
+                    upscale_amount=upscale_model.scale, pbar=comfy.utils.ProgressBar(steps),
+                    output_device=model_management.intermediate_device())
+            except Exception as error:
+                if not _is_oom(error) or tile // 2 < MIN_TILE:
+                    raise
+                tile //= 2
+
+    return run
+
+
+def _check_model(upscale_model) -> None:
+    channels = (getattr(upscale_model, "input_channels", None), getattr(upscale_model, "output_channels", None))
+    if channels != (3, 3):
+        raise ModelError(f"{NODE}: the upscale model takes {channels[0]} and gives {channels[1]} channels; "
+                         "load a 3-channel (RGB) image upscale model")
+
+
+def _resample(rgb: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int],
+              method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Premultiplied resize, image by image (bounded memory, progress, interruption)."""
+    bar = comfy.utils.ProgressBar(rgb.shape[0])
+    colours, alphas = [], []
+    for i in range(rgb.shape[0]):
+        model_management.throw_exception_if_processing_interrupted()
+        colour, new_alpha = resize_rgba(rgb[i : i + 1], alpha[i : i + 1], *size, method)
+        colours.append(colour)
+        alphas.append(new_alpha)
+        bar.update(1)
+    return torch.cat(colours), torch.cat(alphas)
+
+
+class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="LayeredDiffusionUpscaleRGBA",
+            display_name=NODE,
+            category=CATEGORY,
+            search_aliases=[*SEARCH_ALIASES, "upscale", "resize"],
+            description="Resize a transparent image without dark or coloured fringes along its edges: colour is "
+                        "resampled premultiplied by alpha, or an upscale model sees the visible colours bled into "
+                        "the transparent pixels and upscales alpha separately.",
+            inputs=[
+                *rgba_image_inputs(),
+                io.Combo.Input("upscale_method", options=list(RESAMPLE_METHODS), default="lanczos",
+                               tooltip="How to resample. With an upscale model: how its output is brought to the "
+                                       "size asked for, if that differs from the model's scale. lanczos is computed "
+                                       "in float; bilinear and bicubic are antialiased when shrinking."),
+                io.Float.Input("scale_by", default=2.0, min=0.01, max=8.0, step=0.01,
+                               tooltip="Size factor, used when width and height are both 0. With an upscale model, "
+                                       "set it to the model's scale (e.g. 4) to keep the model's output size."),
+                io.Int.Input("width", default=0, min=0, max=MAX_SIDE, step=1,
+                             tooltip="Output width; 0 = from the height and the aspect ratio, or from scale_by "
+                                     "when the height is 0 too."),
+                io.Int.Input("height", default=0, min=0, max=MAX_SIDE, step=1,
+                             tooltip="Output height; 0 = from the width and the aspect ratio, or from scale_by "
+                                     "when the width is 0 too."),
+                io.Combo.Input("crop", options=["disabled", "center"], default="disabled",
+                               tooltip="With both width and height set: center cuts the image to their aspect "
+                                       "ratio first; disabled stretches it."),
+                io.UpscaleModel.Input("upscale_model", optional=True,
+                                      tooltip="An RGB upscale model (Load Upscale Model). Without one the image is "
+                                              "resampled with upscale_method."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="The resized image, RGBA (4 channels, alpha last)."),
+                io.Mask.Output(display_name="MASK", tooltip="The resized alpha: 1 = opaque, 0 = transparent "
+                               "(the opposite of LoadImage's mask; invert it to use it as one)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, upscale_method: str, scale_by: float, width: int, height: int,
+                crop: str, mask: torch.Tensor | None = None, upscale_model=None) -> io.NodeOutput:
+        rgb, alpha = split_rgba(image, mask, NODE)
+        size = output_size(rgb.shape[-2], rgb.shape[-1], scale_by, width, height)
+        if max(size) > MAX_SIDE:
+            raise InputError(f"{NODE}: the output would be {size[1]}x{size[0]}, over {MAX_SIDE} pixels on a side; "
+                             "lower scale_by, width or height")
+        if crop == "center" and width > 0 and height > 0:
+            rgb, alpha = (centre_crop_to_aspect(x, *size) for x in (rgb, alpha))
+        if upscale_model is None:
+            rgb, alpha = _resample(rgb, alpha, size, upscale_method)
+        else:
+            _check_model(upscale_model)
+            with _model_on_device(upscale_model, rgb) as device:
+                rgb, alpha = upscale_rgba_with_model(rgb, alpha, tiled_model(upscale_model, device), *size,
+                                                     upscale_method)
+        out = join_rgba(rgb, alpha).to(model_management.intermediate_device())
+        return io.NodeOutput(out, out[..., 3])
+
+
+UPSCALE_NODES = [LayeredDiffusionUpscaleRGBA]
