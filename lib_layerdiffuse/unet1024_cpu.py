@@ -40,7 +40,8 @@ Shape = tuple[int, int, int, int]
 # A storage is written again only once what it held is dead:
 STORAGE_OF = {
     # A GroupNorm's output (then SiLU in place). Dead once the convolution or the attention
-    # projections right after the norm have read it, before the next norm runs.
+    # projections right after the norm have read it, before anything else writes "transient"
+    # (the next norm or upsampling).
     "normalised": "transient",
     # An upsampled map. Dead once the concatenation that starts the next up block has copied it,
     # before that block's first norm writes "transient". (Upsampling only in an up block that
@@ -300,7 +301,7 @@ def check_structure(model: nn.Module) -> None:
         for i, (r, (cin, cout)) in enumerate(zip(listed(block.resnets, f"{where}.resnets", ResnetBlock, len(channels)),
                                                  channels)):
             resnet(r, f"{where}.resnets.{i}", cin, cout)
-        expect(hasattr(block, "attentions") == attend, f"{where}", "attending" if attend else "without attention")
+        expect(hasattr(block, "attentions") == attend, where, "attending" if attend else "without attention")
         if attend:
             for i, a in enumerate(listed(block.attentions, f"{where}.attentions", SpatialSelfAttention, len(channels))):
                 attention(a, f"{where}.attentions.{i}", channels[i][1])
@@ -336,7 +337,6 @@ def check_structure(model: nn.Module) -> None:
             previous = cout
         resnets_and_attentions(block, f"up_blocks.{i}", channels, attend=i < ATTENTION_BLOCKS)
         sampler(block.upsamplers, f"up_blocks.{i}.upsamplers", Upsample, cout, present=i < n - 1)
-    expect(not skips, "up path", "one that takes every skip")
     norm(model.conv_norm_out, "conv_norm_out", ch[0])
     conv(model.conv_out, "conv_out", ch[0], None, 3)
     unknown = [name for name, m in model.named_modules() if id(m) not in checked]

@@ -99,9 +99,14 @@ def test_executor_without_fused_sums_matches_the_network(narrow, precise_norm_on
         assert_as_close(model, pixel, latent, exact)
 
 
+@pytest.fixture(scope="module")
+def full_size_state_dict():
+    return random_state_dict()
+
+
 @pytest.mark.parametrize("dtype,batch,height,width", [(torch.float32, 2, 64, 128), (torch.bfloat16, 1, 64, 64)])
-def test_executor_matches_the_full_size_network(dtype, batch, height, width):
-    state_dict = random_state_dict()
+def test_executor_matches_the_full_size_network(full_size_state_dict, dtype, batch, height, width):
+    state_dict = full_size_state_dict
     pixel, latent = inputs(batch, height, width)
     model = network(state_dict, dtype)
     if dtype == torch.float32:  # maps below PRECISE_NORM_PIXELS: the same kernels, summed in other orders
