@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark of the transparent decode (8-pass augmented) and the offset encoder.
 
-Compares the pack's implementation with a straightforward baseline of the same network written
-here (functional torch on the state dict, NCHW float32, eight sequential passes, median), on the
-same weights and inputs. Each measurement runs in its own subprocess so that its peak memory is
+Compares the pack's implementation ("ours": `decode_transparent`, which runs the decoder through
+`unet1024_cpu.CpuExecutor` on the CPU and the plain `unet1024.UNet1024` elsewhere) with a
+straightforward baseline of the same network written here (functional torch on the state dict,
+NCHW float32, eight sequential passes, median), on the same weights and inputs. Each measurement runs in its own subprocess so that its peak memory is
 its own. Prints one table: median time, speedup over the baseline, peak memory, max |difference|.
 
     python benchmarks/bench_transparent_vae.py                      # 512 and 1024, CPU float32

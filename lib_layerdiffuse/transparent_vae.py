@@ -7,18 +7,17 @@ its mean, so the latent carries the image's alpha.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .cpu_heap import retained_heap
 from .errors import InputError
 from .offset_encoder import SIZE_MULTIPLE as ENCODER_SIZE_MULTIPLE
 from .offset_encoder import LatentTransparencyOffsetEncoder
 from .rgba import offset_encoder_feed
-from .unet1024 import SIZE_MULTIPLE, UNet1024, reused_buffers
+from .unet1024 import SIZE_MULTIPLE, UNet1024
+from .unet1024_cpu import CpuExecutor
 
 # (flip width, quarter turns) in the reference's order; the median does not depend on it.
 AUGMENTATIONS = tuple((flip, turns) for flip in (False, True) for turns in range(4))
@@ -38,23 +37,6 @@ def _untransform(x: torch.Tensor, flip: bool, turns: int) -> torch.Tensor:
     return torch.flip(x, dims=(3,)) if flip else x
 
 
-# Up to this many pixels per sub-batch a half-precision CPU decode retains its heap (see below).
-RETAINED_HEAP_MAX_PIXELS = 1024 * 1024
-
-
-def _retains_heap(model: UNet1024, pixel: torch.Tensor) -> bool:
-    """Whether a decode runs in a retained heap (see cpu_heap): on the CPU, with a half-precision
-    network, up to RETAINED_HEAP_MAX_PIXELS. Such a network's GroupNorms are torch's, which take
-    fresh memory for every normalised map (there is no output argument): about 350,000 page
-    faults per 1024x1024 bfloat16 pass. The heap's fragmentation grows with the maps: a tenth
-    more peak memory at 1024x1024, a third more at 4096x4096. A float32 network writes its norms
-    into reused buffers itself; a retained heap gains it nothing measurable and raises its
-    1024x1024 peak by a quarter."""
-    n, _, h, w = pixel.shape
-    return (pixel.device.type == "cpu" and model.compute_dtype != torch.float32
-            and n * h * w <= RETAINED_HEAP_MAX_PIXELS)
-
-
 @torch.inference_mode()
 def decode_augmented_passes(
     model: UNet1024, pixel: torch.Tensor, latent: torch.Tensor, on_pass: Optional[Callable[[], None]] = None,
@@ -64,15 +46,15 @@ def decode_augmented_passes(
     orientation: [passes,B,4,H,W]."""
     augmentations = PASS_SETS[passes]
     n, _, h, w = pixel.shape
-    # Allocated first, so that a retained heap (below) holds only each pass's own intermediates.
     outputs = torch.empty(len(augmentations), n, model.conv_out.out_channels, h, w, device=pixel.device)
-    with reused_buffers(), (retained_heap() if _retains_heap(model, pixel) else nullcontext()):
-        for i, (flip, turns) in enumerate(augmentations):
-            p, z = (_transform(t, flip, turns).contiguous(memory_format=torch.channels_last) for t in (pixel, latent))
-            # the median in float32 also for a half-precision network
-            outputs[i] = _untransform(model(p, z).clamp_(0, 1), flip, turns)
-            if on_pass is not None:
-                on_pass()
+    # On the CPU the executor runs the network (its storages serve this decode's passes).
+    network = CpuExecutor(model) if pixel.device.type == "cpu" else model
+    for i, (flip, turns) in enumerate(augmentations):
+        p, z = (_transform(t, flip, turns).contiguous(memory_format=torch.channels_last) for t in (pixel, latent))
+        # the median in float32 also for a half-precision network
+        outputs[i] = _untransform(network(p, z).clamp_(0, 1), flip, turns)
+        if on_pass is not None:
+            on_pass()
     return outputs
 
 
