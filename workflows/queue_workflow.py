@@ -182,7 +182,8 @@ def apply_overrides(workflow: dict, *, prompt: Optional[str] = None, negative: O
         if value < 16 or value % 8:
             raise ClientError(f"--{flag} {value}: use a multiple of 8 of at least 16 (Stable Diffusion latents are 1/8 "
                               "of the image size)", EXIT_USAGE)
-        changed = _set_literal(workflow, (flag,), value, is_int)
+        # A size of 0 means "follow the image" (e.g. Upscale (RGBA) by scale_by): it stays.
+        changed = _set_literal(workflow, (flag,), value, lambda v: is_int(v) and v > 0)
         if not changed:
             raise ClientError(f"--{flag}: the workflow has no {flag} input", EXIT_USAGE)
         changes += changed

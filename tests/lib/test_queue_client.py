@@ -65,9 +65,13 @@ def test_overrides_reach_every_shipped_workflow(name):
     seeds = [n["inputs"].get("seed", n["inputs"].get("noise_seed")) for n in workflow.values()
              if n["class_type"].startswith("KSampler")]
     assert seeds and set(seeds) == {99}
-    for node in workflow.values():
+    shipped = load_api(name)
+    for node_id, node in workflow.items():
         if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage", "ImageScale"):
             assert (node["inputs"]["width"], node["inputs"]["height"]) == (256, 256)
+        if node["class_type"] == "LayeredDiffusionUpscaleRGBA":  # a fixed size follows, 0 (scale_by) stays
+            before = shipped[node_id]["inputs"]
+            assert node["inputs"]["width"] == (256 if before["width"] else 0)
 
 
 def test_websocket_frames_survive_timeouts_and_fragmentation():

@@ -121,3 +121,44 @@ def test_install_metadata():
             props = node.get("properties", {})
             if "cnr_id" in props:
                 assert props["cnr_id"] == meta["name"] and props["ver"] == meta["version"]
+
+
+LAYERED_WORKFLOWS = ["sd15_joint_fg_bg_blend", "sd15_cond_joint_fg_to_bg", "sd15_cond_joint_bg_to_fg",
+                     "sdxl_cond_fg_to_blend", "sdxl_cond_bg_to_blend_and_fg", "sdxl_diff_fg_blend_to_bg",
+                     "sdxl_diff_bg_blend_to_fg"]
+
+
+@pytest.mark.parametrize("name", LAYERED_WORKFLOWS)
+def test_layered_workflows_end_in_the_layered_save(name):
+    """Every layered mode's workflow saves its layers as PNGs and a layered file: the generated
+    layers and the given ones, foreground always among them."""
+    graph = load_ui(name)
+    saves = [n for n in graph["nodes"] if n["type"] == "LayeredDiffusionSaveLayers"]
+    assert len(saves) == 1
+    connected = {slot["name"] for slot in saves[0]["inputs"] if slot["link"] is not None}
+    assert "foreground" in connected and len(connected) >= 2
+    assert saves[0]["widgets_values"][1] == "PSD + OpenRaster"
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_hires_fix_workflows_upscale_encode_and_sample_again(family):
+    """RGBA result -> Upscale (RGBA) x2 -> Encode (RGBA) -> KSampler at denoise 0.4-0.6 with the same
+    LayerDiffuse model -> Decode (RGBA)."""
+    graph = load_ui(f"{family}_transparent_hires_fix")
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    links = {link[0]: link for link in graph["links"]}
+
+    def source(node, input_name):
+        slot = next(s for s in node["inputs"] if s["name"] == input_name)
+        return nodes[links[slot["link"]][1]]
+
+    samplers = [n for n in graph["nodes"] if n["type"] == "KSampler"]
+    second = next(n for n in samplers if source(n, "latent_image")["type"] == "LayeredDiffusionEncode")
+    assert 0.4 <= second["widgets_values"][6] <= 0.6
+    assert {source(n, "model")["type"] for n in samplers} == {"LayeredDiffusionApply"}
+    assert len({source(n, "model")["id"] for n in samplers}) == 1  # the same mode in both passes
+    upscale = source(source(second, "latent_image"), "image")
+    assert upscale["type"] == "LayeredDiffusionUpscaleRGBA" and upscale["widgets_values"][1:4] == [2.0, 0, 0]
+    assert source(upscale, "image")["type"] == "LayeredDiffusionDecodeRGBA"
+    final = [n for n in graph["nodes"] if n["type"] == "LayeredDiffusionDecodeRGBA" and source(n, "samples") is second]
+    assert len(final) == 1

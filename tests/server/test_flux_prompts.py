@@ -19,10 +19,11 @@ WORKFLOWS = ["flux_transparent_t2i", "flux_transparent_img2img"]
 
 @pytest.fixture(scope="module")
 def flux_server(comfy_server):
-    """The live server with a synthetic TransparentVAE and empty stand-ins for the FLUX.1-dev files
+    """The live server with synthetic LayerDiffuse-Flux files and empty stand-ins for the FLUX.1-dev files
     (enough for /prompt's validation; loading them fails, as it should)."""
     base = comfy_server.base
     link_into(base, "layer_model", synthetic_file("flux_transparent_vae"))
+    link_into(base, "layer_model", synthetic_file("flux_layerlora"))
     for folder, names in (("diffusion_models", ["flux1-dev.safetensors"]),
                           ("text_encoders", ["clip_l.safetensors", "t5xxl_fp16.safetensors"])):
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)

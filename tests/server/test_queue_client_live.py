@@ -105,7 +105,8 @@ def test_every_missing_layerdiffuse_file_is_named_in_one_answer(comfy_server, tm
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TEST_CHECKPOINT}},
         "2": {"class_type": "LayeredDiffusionApply",
               "inputs": {"model": ["1", 0], "config": "SDXL, Conv Injection", "weight": 1.0}},
-        "3": {"class_type": "LayeredDiffusionFluxApply", "inputs": {"model": ["2", 0], "strength": 1.0}},
+        "3": {"class_type": "LayeredDiffusionApply",
+              "inputs": {"model": ["2", 0], "config": "SDXL, Attention Injection", "weight": 1.0}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "6": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 1, "steps": 1, "cfg": 1.0,
@@ -118,7 +119,8 @@ def test_every_missing_layerdiffuse_file_is_named_in_one_answer(comfy_server, tm
     path.write_text(json.dumps(workflow))
     result = run_client(str(path), "--server", comfy_server.url, "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 3, result.stderr
-    for name, url in (("layer_xl_transparent_conv.safetensors", "https://huggingface.co/LayerDiffusion/"),
-                      ("layerlora.safetensors", "https://huggingface.co/RedAIGC/")):
-        assert f"{name} is not in" in result.stderr and url in result.stderr, result.stderr
+    # Files no other test gives this server.
+    for name in ("layer_xl_transparent_conv.safetensors", "layer_xl_transparent_attn.safetensors"):
+        assert f"{name} is not in" in result.stderr, result.stderr
+        assert f"https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/main/{name}" in result.stderr
 

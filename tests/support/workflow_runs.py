@@ -44,9 +44,28 @@ def expected_saves(prompt: dict) -> dict[str, bool]:
     return saves
 
 
-def assert_saved_as_expected(server: ComfyServer, prompt: dict, entry: dict, size: int = TINY) -> None:
-    """The finished prompt saved PNGs of `size` at every Save Image, RGBA where a decoder feeds it,
-    and every Preview Image showed something."""
+def output_size(prompt: dict) -> int:
+    """The side of the images a TINY workflow saves: twice TINY after an Upscale (RGBA) that
+    follows its scale_by (the hires fix)."""
+    scaled = [node for node in prompt.values() if node["class_type"] == "LayeredDiffusionUpscaleRGBA"
+              and node["inputs"].get("width") == 0 and node["inputs"].get("height") == 0]
+    return round(TINY * scaled[0]["inputs"]["scale_by"]) if scaled else TINY
+
+
+def assert_saved_as_expected(server: ComfyServer, prompt: dict, entry: dict) -> None:
+    """The finished prompt saved PNGs of the workflow's output size at every Save Image, RGBA where
+    a decoder feeds it; every Save Layers wrote RGBA layer PNGs with a PSD and an OpenRaster file
+    beside them; every Preview Image showed something."""
+    size = output_size(prompt)
+    for node_id, node in prompt.items():
+        if node["class_type"] == "LayeredDiffusionSaveLayers":
+            layers = server.output_files(entry, node_id)
+            assert layers, node_id
+            for path in layers:
+                with Image.open(path) as png:
+                    assert png.mode == "RGBA" and png.size == (size, size), (path.name, png.mode, png.size)
+                stem = path.name.rsplit("_", 1)[0] + "_"
+                assert (path.parent / f"{stem}.psd").is_file() and (path.parent / f"{stem}.ora").is_file()
     saves = expected_saves(prompt)
     assert saves and any(saves.values()) == any(n["class_type"] in DECODERS for n in prompt.values())
     for node_id, rgba in saves.items():
