@@ -6,6 +6,8 @@ import functools
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
@@ -43,15 +45,16 @@ def meta_state(stem: str) -> dict[str, torch.Tensor]:
 
 
 def synthetic_file(stem: str, seed: int = 0, dtype: Optional[str] = None) -> Path:
-    """A .safetensors file of the layout, named like the official file, cached across runs."""
-    from safetensors.torch import save_file
-
-    layout = manifest(stem)
-    path = CACHE / f"seed{seed}-{dtype or 'manifest'}" / layout["file"]
+    """A .safetensors file of the layout, named like the official file, cached across runs. The
+    generator runs in a process of its own: a checkpoint holds gigabytes while it is written, and
+    they go back to the system with that process."""
+    path = CACHE / f"seed{seed}-{dtype or 'manifest'}" / manifest(stem)["file"]
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.part")
-        save_file(dict(synthweights().make_state_dict(layout, seed=seed, dtype=dtype)), str(partial))
+        command = [sys.executable, str(TESTKIT_DIR / "synthweights.py"),
+                   str(TESTKIT_DIR / "manifests" / f"{stem}.json.gz"), str(partial), "--seed", str(seed)]
+        subprocess.run(command + (["--dtype", dtype] if dtype else []), check=True, capture_output=True)
         os.replace(partial, path)
     return path
 
