@@ -10,9 +10,17 @@ from PIL import Image
 
 from support.client import run_client
 from support.paths import API_DIR
+from support.workflow_runs import size_mismatch_prompt
 from support.workflows import load_api
 
 TEST_CHECKPOINT = "sd15_synthetic.safetensors"
+
+
+def _queue(server, tmp_path, workflow: dict):
+    """The client run on `workflow`, written to a file as users have it."""
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(workflow))
+    return run_client(str(path), "--server", server.url, "--output-dir", str(tmp_path / "out"))
 
 
 def test_queue_follow_and_download(comfy_server, tmp_path):
@@ -54,9 +62,7 @@ def test_missing_node_is_rejected(comfy_server, tmp_path):
     workflow = load_api("sd15_transparent_decode")
     workflow["9"]["class_type"] = "LayeredDiffusionNoSuchNode"
     workflow["10"]["class_type"] = "OtherPackNode"
-    path = tmp_path / "missing.json"
-    path.write_text(json.dumps(workflow))
-    result = run_client(str(path), "--server", comfy_server.url, "--output-dir", str(tmp_path / "out"))
+    result = _queue(comfy_server, tmp_path, workflow)
     assert result.returncode == 3, result.stderr
     assert "rejected" in result.stderr
     # Every node type the server lacks is named, also where the server names only the first (0.33).
@@ -72,16 +78,7 @@ def test_bad_value_is_rejected(comfy_server, tmp_path):
 
 
 def test_execution_error(comfy_server, tmp_path):
-    workflow = {
-        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "2": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 64, "batch_size": 1, "color": 0}},
-        "3": {"class_type": "LayeredDiffusionDecodeRGBA",
-              "inputs": {"samples": ["1", 0], "images": ["2", 0], "sd_version": "SD15", "sub_batch_size": 1}},
-        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "client_error"}},
-    }
-    path = tmp_path / "fails.json"
-    path.write_text(json.dumps(workflow))
-    result = run_client(str(path), "--server", comfy_server.url, "--output-dir", str(tmp_path / "out"))
+    result = _queue(comfy_server, tmp_path, size_mismatch_prompt("client_error"))
     assert result.returncode == 4, result.stderr
     assert "execution failed in node 3 (LayeredDiffusionDecodeRGBA)" in result.stderr
     assert "size mismatch" in result.stderr
@@ -115,9 +112,7 @@ def test_every_missing_layerdiffuse_file_is_named_in_one_answer(comfy_server, tm
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "missing"}},
     }
-    path = tmp_path / "needs_files.json"
-    path.write_text(json.dumps(workflow))
-    result = run_client(str(path), "--server", comfy_server.url, "--output-dir", str(tmp_path / "out"))
+    result = _queue(comfy_server, tmp_path, workflow)
     assert result.returncode == 3, result.stderr
     # Files no other test gives this server.
     for name in ("layer_xl_transparent_conv.safetensors", "layer_xl_transparent_attn.safetensors"):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 from support.images import rgba_disc, save_rgba_png
+from support.workflow_runs import size_mismatch_prompt
 from support.workflows import load_api
 
 OUR_NODES = ["LayeredDiffusionDecode", "LayeredDiffusionDecodeRGBA", "LayeredDiffusionDecodeSplit",
@@ -84,17 +86,12 @@ def test_encode_prompt_round_trips_an_rgba_png(comfy_server):
 
 
 def test_bad_input_is_an_execution_error_not_a_crash(comfy_server):
-    prompt = {
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "image": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 64, "batch_size": 1, "color": 0}},
-        "rgba": {"class_type": "LayeredDiffusionDecodeRGBA",
-                 "inputs": {"samples": ["latent", 0], "images": ["image", 0], "sd_version": "SD15", "sub_batch_size": 1}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["rgba", 0], "filename_prefix": "bad"}},
-    }
-    entry = comfy_server.run(prompt)
+    entry = comfy_server.run(size_mismatch_prompt("bad"))
     assert entry["status"]["status_str"] == "error"
     errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert errors and "size mismatch" in errors[0][1]["exception_message"]
+    # The error's title is the pack's short name, not the module path of the pack's folder.
+    assert errors[0][1]["exception_type"] == "layerdiffuse.InputError"
     assert comfy_server.get("/system_stats")  # still serving
 
 
@@ -106,3 +103,51 @@ def test_shipped_api_workflow_runs(comfy_server):
     entry = comfy_server.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     _assert_rgba_pngs(comfy_server, entry, "8", (64, 64), 1)
+
+
+def test_encode_through_the_server_is_the_reference_latent(comfy_server, comfyui_path):
+    """Load Image -> Layer Diffuse Encode (RGBA) -> Save Latent on the live server gives the
+    reference's latent: the VAE posterior mean plus std times the offset encoder's output, with
+    the image flattened on 8-bit grey (127, 127, 127) for the VAE, as the reference does."""
+    import comfy.sd
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    save_rgba_png(rgba_disc(64, 96), comfy_server.base / "input" / "encode_reference.png")
+    prompt = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_synthetic.safetensors"}},
+        "load": {"class_type": "LoadImage", "inputs": {"image": "encode_reference.png"}},
+        "encode": {"class_type": "LayeredDiffusionEncode",
+                   "inputs": {"vae": ["ckpt", 2], "image": ["load", 0], "mask": ["load", 1], "sd_version": "SD15"}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["encode", 0], "filename_prefix": "encoded"}},
+    }
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    (saved,) = entry["outputs"]["save"]["latents"]
+    latent = load_file(str(comfy_server.base / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+
+    # The reference, computed here from the same files: the PNG as LoadImage reads it (8-bit),
+    rgba = torch.from_numpy(np.asarray(Image.open(comfy_server.base / "input" / "encode_reference.png"))).float() / 255
+    rgb, alpha = rgba[..., :3].movedim(-1, 0)[None], rgba[..., 3][None, None]
+    # the checkpoint's VAE encoder on the image over 8-bit grey, to moments,
+    with safe_open(str(comfy_server.base / "models" / "checkpoints" / "sd15_synthetic.safetensors"), "pt") as f:
+        vae = comfy.sd.VAE(sd={k.removeprefix("first_stage_model."): f.get_tensor(k).float()
+                               for k in f.keys() if k.startswith("first_stage_model.")})
+    grey = 127 / 255
+    with torch.no_grad():
+        moments = vae.first_stage_model.encoder((grey + (rgb - grey) * alpha) * 2 - 1)
+        moments = vae.first_stage_model.quant_conv(moments)
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30, 20))
+    # and the offset encoder on (alpha, padded RGB).
+    from lib_layerdiffuse import rgba as rgba_maths
+    from lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder
+    from lib_layerdiffuse.weight_files import build_model, read_safetensors
+
+    encoder_file = comfy_server.base / "models" / "layer_model" / "layer_sd15_vae_transparent_encoder.safetensors"
+    encoder = build_model(LatentTransparencyOffsetEncoder, read_safetensors(str(encoder_file)), encoder_file.name)
+    with torch.no_grad():
+        offset = encoder(rgba_maths.offset_encoder_feed(rgb, alpha))
+    reference = mean + std * offset
+    relative = (latent - reference).norm() / reference.norm()
+    assert relative < 1e-3, float(relative)

@@ -77,3 +77,14 @@ def assert_saved_as_expected(server: ComfyServer, prompt: dict, entry: dict) -> 
                 assert png.mode == ("RGBA" if rgba else "RGB"), (node_id, png.mode)
     previews = [n for n, node in prompt.items() if node["class_type"] == "PreviewImage"]
     assert all(entry["outputs"][n]["images"] for n in previews)
+
+
+def size_mismatch_prompt(prefix: str) -> dict:
+    """A prompt that fails inside Layer Diffuse Decode (RGBA): 64x64 latents with a 128x64 image."""
+    return {
+        "1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 64, "batch_size": 1, "color": 0}},
+        "3": {"class_type": "LayeredDiffusionDecodeRGBA",
+              "inputs": {"samples": ["1", 0], "images": ["2", 0], "sd_version": "SD15", "sub_batch_size": 1}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+    }
