@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LayerDiffuseError
 from .unet1024 import (ATTENTION_BLOCKS, BLOCK_CHANNELS, HEAD_DIM, LATENT_INJECTION_BLOCK, DownBlock, Downsample,
                        MidBlock, ResnetBlock, SpatialSelfAttention, UNet1024, UpBlock, Upsample)
 
@@ -224,8 +225,8 @@ def upsample(conv: nn.Conv2d, x: torch.Tensor, storages: Storages) -> torch.Tens
 
 # --- the network this executor knows -----------------------------------------------------------------
 
-class UnknownNetworkError(RuntimeError):
-    """The network is not the one unet1024_cpu was written for."""
+class UnknownNetworkError(LayerDiffuseError):
+    """The network is not the one unet1024_cpu was written for (a changed decoder module)."""
 
 
 DOWN_RESNETS = 2  # per down block

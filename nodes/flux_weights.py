@@ -18,6 +18,7 @@ from torch import nn
 import comfy.sd
 import folder_paths
 from comfy.model_patcher import ModelPatcher
+from comfy.sd import VAE
 
 from ..lib_layerdiffuse import flux_vae
 from ..lib_layerdiffuse.errors import ModelError, WeightFileError
@@ -46,7 +47,7 @@ def network(group: str, factory: Callable[[], nn.Module], dtype: torch.dtype | N
     return model_store.network(transparent_vae_path(), factory, dtype, prefix=group + ".")
 
 
-def load_flux_vae() -> comfy.sd.VAE:
+def load_flux_vae() -> VAE:
     """ComfyUI's VAE built from the `sd_vae.*` group of TransparentVAE.safetensors."""
     path = transparent_vae_path()
     state = read_safetensors(path, flux_vae.SD_VAE + ".")
@@ -102,7 +103,7 @@ def transparent_vae_problem() -> str | None:
     return model_store.missing_file_problem(WEIGHT_FILES[flux_vae.PTH_NAME])
 
 
-def require_flux_vae(vae, node: str) -> None:
+def require_flux_vae(vae: VAE, node: str) -> None:
     if getattr(vae, "latent_channels", None) != flux_vae.LATENT_CHANNELS or getattr(vae, "latent_dim", 2) != 2:
         raise ModelError(f"{node}: this VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents; connect the "
                          "Flux VAE (Layer Diffuse Flux VAE Loader)")

@@ -15,6 +15,7 @@ import torch
 import comfy.model_management as model_management
 import comfy.utils
 from comfy.model_patcher import ModelPatcher
+from comfy.sd import VAE
 from comfy_api.latest import io
 
 from ..lib_layerdiffuse import rgba
@@ -89,7 +90,7 @@ def run_transparent_decoder(patcher: ModelPatcher, pixel: torch.Tensor, latent: 
     return decode_transparent(model, pixel.cpu(), latent.cpu().float(), sub_batch_size, on_pass, PASSES[passes])
 
 
-def vae_batches(vae, inputs: torch.Tensor, memory_per_item: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def vae_batches(vae: VAE, inputs: torch.Tensor, memory_per_item: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`run` over `inputs` in batches as large as the free memory allows once the VAE is loaded
     (ComfyUI's own VAE.encode/decode batching), each batch moved to the VAE's device and dtype;
     the results concatenated on the VAE's output device."""
@@ -100,7 +101,7 @@ def vae_batches(vae, inputs: torch.Tensor, memory_per_item: int, run: Callable[[
     return torch.cat(outputs)
 
 
-def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_posterior(vae: VAE, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the VAE posterior for [B,3,H,W] pixels in [0,1] (VAE.encode gives only the mean)."""
     autoencoder = vae.first_stage_model
     regularizer = type(getattr(autoencoder, "regularization", None)).__name__
@@ -118,7 +119,7 @@ def vae_posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return posterior_mean_std(vae_batches(vae, vae.process_input(pixels), memory, moments))
 
 
-def decode_unclamped(vae, latent: torch.Tensor) -> torch.Tensor:
+def decode_unclamped(vae: VAE, latent: torch.Tensor) -> torch.Tensor:
     """VAE-decoded pixels [B,3,H,W] in about [0,1] but not clamped (VAE.decode clamps; the Flux
     transparent decoder was trained on the unclamped values)."""
     vae.throw_exception_if_invalid()
@@ -133,7 +134,7 @@ def crop_to_multiple_of_8(x: torch.Tensor) -> torch.Tensor:
     return x[..., top : top + h - h % SIZE_MULTIPLE, left : left + w - w % SIZE_MULTIPLE]
 
 
-def encode_transparent(vae, image: torch.Tensor, mask: torch.Tensor | None, encoder: ModelPatcher,
+def encode_transparent(vae: VAE, image: torch.Tensor, mask: torch.Tensor | None, encoder: ModelPatcher,
                        offset: OffsetFunction, grey: float, node: str) -> torch.Tensor:
     """The latent [B,C,H/8,W/8] that carries an RGBA image's alpha: the VAE posterior mean of the
     image flattened on `grey`, moved by the offset encoder's output in posterior std units."""
