@@ -60,7 +60,7 @@ def speed_inputs() -> list[io.Input]:
         io.Combo.Input(
             "precision", options=list(PRECISIONS), default="auto", optional=True,
             tooltip="auto: float16 on GPUs that support it, float32 on the CPU (reference results). "
-                    "bfloat16: the network in bfloat16, about 2.5-3x faster than float32 on CPUs with "
+                    "bfloat16: the network in bfloat16, about 2-2.5x faster than float32 on CPUs with "
                     "AVX-512 BF16/AMX, max difference about 3e-2 from float32. float16: for GPUs (slower than "
                     "float32 on most CPUs).",
         ),
