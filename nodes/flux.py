@@ -26,7 +26,7 @@ from .flux_weights import (
 )
 from .host_compat import schema
 from .naming import FLUX_CATEGORY, SEARCH_ALIASES
-from .rgba_io import rgba_image_inputs
+from .rgba_io import alpha_output, rgba_image_inputs
 from .vae_pipeline import (
     decode_unclamped,
     decoder_weights_dtype,
@@ -114,8 +114,7 @@ class LayeredDiffusionFluxDecode(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="RGBA image (4 channels, alpha last) for Save Image."),
-                io.Mask.Output(display_name="MASK", tooltip="The predicted alpha: 1 = opaque, 0 = transparent (the "
-                               "opposite of LoadImage's mask; invert it to use it as one)."),
+                alpha_output(),
             ],
         )
 

@@ -47,3 +47,9 @@ def split_rgba(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> tup
 def join_rgba(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """An RGBA IMAGE [B,H,W,4] (alpha last, 1 = opaque) from colour and alpha."""
     return torch.cat([rgb, alpha], dim=1).movedim(1, -1)
+
+
+def alpha_output(what: str = "The predicted alpha") -> io.Mask.Output:
+    """A MASK output carrying alpha (1 = opaque), which is the opposite of LoadImage's masks."""
+    return io.Mask.Output(display_name="MASK", tooltip=f"{what}: 1 = opaque, 0 = transparent (the opposite of "
+                          "LoadImage's mask; invert it to use it as one).")

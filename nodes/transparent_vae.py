@@ -20,7 +20,7 @@ from ..lib_layerdiffuse.weight_files import SD15, SDXL, TRANSPARENT_DECODERS, TR
 from . import model_store
 from .host_compat import schema
 from .naming import CATEGORY, SEARCH_ALIASES
-from .rgba_io import rgba_image_inputs
+from .rgba_io import alpha_output, rgba_image_inputs
 from .vae_pipeline import (
     decoder_weights_dtype,
     encode_transparent,
@@ -86,8 +86,7 @@ class LayeredDiffusionDecode(io.ComfyNode):
             inputs=_decode_inputs(),
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The foreground colours (RGB)."),
-                io.Mask.Output(display_name="MASK", tooltip="The predicted alpha: 1 = opaque, 0 = transparent "
-                               "(the opposite of LoadImage's mask; invert it to use it as one)."),
+                alpha_output(),
             ],
         )
 

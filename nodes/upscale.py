@@ -26,7 +26,7 @@ from ..lib_layerdiffuse.rgba_upscale import (
 )
 from .host_compat import schema
 from .naming import CATEGORY, SEARCH_ALIASES
-from .rgba_io import join_rgba, rgba_image_inputs, split_rgba
+from .rgba_io import alpha_output, join_rgba, rgba_image_inputs, split_rgba
 
 NODE = "Layer Diffuse Upscale (RGBA)"
 MAX_SIDE = 16384  # ComfyUI's MAX_RESOLUTION
@@ -144,8 +144,7 @@ class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The resized image, RGBA (4 channels, alpha last)."),
-                io.Mask.Output(display_name="MASK", tooltip="The resized alpha: 1 = opaque, 0 = transparent "
-                               "(the opposite of LoadImage's mask; invert it to use it as one)."),
+                alpha_output("The resized alpha"),
             ],
         )
 
