@@ -127,7 +127,7 @@ def test_encode_through_the_server_is_the_reference_latent(comfy_server, comfyui
     latent = load_file(str(comfy_server.base / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
 
     # The reference, computed here from the same files: the PNG as LoadImage reads it (8-bit),
-    rgba = torch.from_numpy(np.asarray(Image.open(comfy_server.base / "input" / "encode_reference.png"))).float() / 255
+    rgba = torch.from_numpy(np.array(Image.open(comfy_server.base / "input" / "encode_reference.png"))).float() / 255
     rgb, alpha = rgba[..., :3].movedim(-1, 0)[None], rgba[..., 3][None, None]
     # the checkpoint's VAE encoder on the image over 8-bit grey, to moments,
     with safe_open(str(comfy_server.base / "models" / "checkpoints" / "sd15_synthetic.safetensors"), "pt") as f:
