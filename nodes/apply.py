@@ -12,7 +12,6 @@ import torch
 
 from comfy_api.latest import io
 
-from ..lib_layerdiffuse.errors import ModelError
 from ..lib_layerdiffuse.weight_files import SD15
 from . import model_store
 from .host_compat import schema
@@ -62,15 +61,7 @@ def _first_tensor(conditioning: Optional[list]) -> Optional[torch.Tensor]:
 
 
 def _weight_file_problem(modes: Sequence[Mode], config: str | None) -> bool | str:
-    """validate_inputs: the config is one of the node's, and its file is there or can be downloaded
-    (None: the value comes from another node and is checked when the node runs)."""
-    if config is None:
-        return True
-    try:
-        mode = find_mode(modes, config)
-    except ModelError as error:
-        return str(error)
-    return model_store.missing_file_problem(mode.weight_file) or True
+    return model_store.chosen_file_problem("config", config, {mode.config: mode.weight_file for mode in modes})
 
 
 class LayeredDiffusionApply(io.ComfyNode):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -59,6 +59,17 @@ def missing_file_problem(weight_file: WeightFile) -> str | None:
     if offline() and folder_paths.get_full_path(FOLDER, weight_file.name) is None:
         return offline_message(weight_file.name, weight_file.url, folder_paths.get_folder_paths(FOLDER)[0])
     return None
+
+
+def chosen_file_problem(name: str, choice: str | None, files: Mapping[str, WeightFile]) -> bool | str:
+    """validate_inputs for the combo input `name` that chooses one of `files`: the choice is one of
+    them and its file is there or can be downloaded (None: the value comes from another node and
+    is checked when the node runs)."""
+    if choice is None:
+        return True
+    if choice not in files:
+        return f"{name} must be one of {', '.join(files)}, not {choice!r}"
+    return missing_file_problem(files[choice]) or True
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

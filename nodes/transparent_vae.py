@@ -48,16 +48,6 @@ def _images_input() -> io.Image.Input:
     return io.Image.Input("images", tooltip="VAE Decode's output for the same latents.")
 
 
-def _file_problem(files: dict, sd_version: str | None) -> bool | str:
-    """validate_inputs: the sd_version is known and its file is there or can be downloaded (None:
-    the value comes from another node and is checked when the node runs)."""
-    if sd_version is None:
-        return True
-    if sd_version not in files:
-        return f"sd_version must be one of {', '.join(files)}, not {sd_version!r}"
-    return model_store.missing_file_problem(files[sd_version]) or True
-
-
 def decode_rgba(samples: dict, images: torch.Tensor, sd_version: str, sub_batch_size: int,
                 passes: str = "8", precision: str = "auto") -> torch.Tensor:
     """[B,H,W,4] RGBA (alpha last, 1 = opaque) for ComfyUI latents and their decoded images."""
@@ -92,7 +82,7 @@ class LayeredDiffusionDecode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
-        return _file_problem(TRANSPARENT_DECODERS, sd_version)
+        return model_store.chosen_file_problem("sd_version", sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, sd_version: str, sub_batch_size: int,
@@ -116,7 +106,7 @@ class LayeredDiffusionDecodeRGBA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
-        return _file_problem(TRANSPARENT_DECODERS, sd_version)
+        return model_store.chosen_file_problem("sd_version", sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, sd_version: str, sub_batch_size: int,
@@ -152,7 +142,7 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
-        return _file_problem(TRANSPARENT_DECODERS, sd_version)
+        return model_store.chosen_file_problem("sd_version", sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, frames: int, sd_version: str,
@@ -188,7 +178,7 @@ class LayeredDiffusionEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
-        return _file_problem(TRANSPARENT_ENCODERS, sd_version)
+        return model_store.chosen_file_problem("sd_version", sd_version, TRANSPARENT_ENCODERS)
 
     @classmethod
     def execute(cls, vae: io.Vae.Type, image: io.Image.Type, sd_version: str,

@@ -28,7 +28,7 @@ from ..lib_layerdiffuse.transparent_vae import (
     sub_batches,
 )
 from . import model_store
-from .rgba_io import alpha_for
+from .rgba_io import split_rgba
 
 PASSES = {"8": 8, "4": 4, "1": 1}
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -138,8 +138,7 @@ def encode_transparent(vae: VAE, image: torch.Tensor, mask: torch.Tensor | None,
                        offset: OffsetFunction, grey: float, node: str) -> torch.Tensor:
     """The latent [B,C,H/8,W/8] that carries an RGBA image's alpha: the VAE posterior mean of the
     image flattened on `grey`, moved by the offset encoder's output in posterior std units."""
-    alpha = crop_to_multiple_of_8(alpha_for(image, mask, node))
-    rgb = crop_to_multiple_of_8(image[..., :3].movedim(-1, 1).float())
+    rgb, alpha = (crop_to_multiple_of_8(x) for x in split_rgba(image, mask, node))
     if min(rgb.shape[-2:]) < SIZE_MULTIPLE:
         raise InputError(f"{node}: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
     network = model_store.load_to_device(encoder, rgb.numel() * 64)

@@ -48,3 +48,19 @@ def test_every_node_has_tooltips(apply_module):
             assert item.tooltip, f"{schema.node_id}.{item.id} has no tooltip"
 
 
+
+
+def test_validation_names_an_unknown_config_and_a_missing_file(pack, tmp_path, monkeypatch):
+    """validate_inputs: an unknown config is named with the node's configs, a missing file offline
+    says what to download, a value from another node (None) is left to execution."""
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], {".safetensors"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nodes = pack.NODE_CLASS_MAPPINGS
+    problem = nodes["LayeredDiffusionApply"].validate_inputs(config="SD3, Attention Injection")
+    assert problem.startswith("config must be one of SDXL, Attention Injection, ")
+    assert problem.endswith(", not 'SD3, Attention Injection'")
+    problem = nodes["LayeredDiffusionCondApply"].validate_inputs(config="SDXL, Foreground")
+    assert "layer_xl_fg2ble.safetensors" in problem and str(tmp_path) in problem
+    assert nodes["LayeredDiffusionDiffApply"].validate_inputs(config=None) is True

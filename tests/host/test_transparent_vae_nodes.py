@@ -171,6 +171,21 @@ def test_missing_weights_offline_name_file_url_and_folder(pack, tmp_path, monkey
     assert "https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/main/" in text
 
 
+def test_validation_names_an_unknown_sd_version_and_a_missing_file(pack, tmp_path, monkeypatch):
+    """validate_inputs: an unknown sd_version is named with the valid ones, a missing file offline
+    says what to download, a value from another node (None) is left to execution."""
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], {".safetensors"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nodes = pack.NODE_CLASS_MAPPINGS
+    assert nodes["LayeredDiffusionEncode"].validate_inputs(sd_version="SD3") == \
+        "sd_version must be one of SD15, SDXL, not 'SD3'"
+    problem = nodes["LayeredDiffusionDecode"].validate_inputs(sd_version="SD15")
+    assert "layer_sd15_vae_transparent_decoder.safetensors" in problem and str(tmp_path) in problem
+    assert nodes["LayeredDiffusionDecodeSplit"].validate_inputs(sd_version=None) is True
+
+
 def test_progress_bar_advances_over_the_decode_passes(pack, layer_model_dir, monkeypatch):
     """One step per decoder pass (8 passes x 2 sub-batches). What reaches the UI is the host's
     business: 0.33 throttles the hook between the first and the last value, 0.8 sends them all."""
