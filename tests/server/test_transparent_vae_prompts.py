@@ -68,13 +68,20 @@ def test_decode_prompts_save_pngs_with_alpha(comfy_server):
         assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
 
 
+def _encode_nodes(png_name: str) -> dict:
+    """Prompt nodes that load the SD1.5 checkpoint and the input PNG and encode it ("encode")."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_synthetic.safetensors"}},
+        "load": {"class_type": "LoadImage", "inputs": {"image": png_name}},
+        "encode": {"class_type": "LayeredDiffusionEncode",
+                   "inputs": {"vae": ["ckpt", 2], "image": ["load", 0], "mask": ["load", 1], "sd_version": "SD15"}},
+    }
+
+
 def test_encode_prompt_round_trips_an_rgba_png(comfy_server):
     save_rgba_png(rgba_disc(64, 96), comfy_server.base / "input" / "disc.png")
     prompt = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_synthetic.safetensors"}},
-        "load": {"class_type": "LoadImage", "inputs": {"image": "disc.png"}},
-        "encode": {"class_type": "LayeredDiffusionEncode",
-                   "inputs": {"vae": ["ckpt", 2], "image": ["load", 0], "mask": ["load", 1], "sd_version": "SD15"}},
+        **_encode_nodes("disc.png"),
         "vae_decode": {"class_type": "VAEDecode", "inputs": {"samples": ["encode", 0], "vae": ["ckpt", 2]}},
         "rgba": {"class_type": "LayeredDiffusionDecodeRGBA",
                  "inputs": {"samples": ["encode", 0], "images": ["vae_decode", 0], "sd_version": "SD15", "sub_batch_size": 16}},
@@ -115,10 +122,7 @@ def test_encode_through_the_server_is_the_reference_latent(comfy_server, comfyui
 
     save_rgba_png(rgba_disc(64, 96), comfy_server.base / "input" / "encode_reference.png")
     prompt = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15_synthetic.safetensors"}},
-        "load": {"class_type": "LoadImage", "inputs": {"image": "encode_reference.png"}},
-        "encode": {"class_type": "LayeredDiffusionEncode",
-                   "inputs": {"vae": ["ckpt", 2], "image": ["load", 0], "mask": ["load", 1], "sd_version": "SD15"}},
+        **_encode_nodes("encode_reference.png"),
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["encode", 0], "filename_prefix": "encoded"}},
     }
     entry = comfy_server.run(prompt)
