@@ -22,6 +22,7 @@ import zipfile
 from typing import Mapping
 
 import torch
+from torch import nn
 
 from .offset_encoder import LatentTransparencyOffsetEncoder
 from .rgba import pad_rgb
@@ -54,14 +55,14 @@ _VAE_CHANNELS = (128, 256, 512, 512)
 _VAE_LAYERS_PER_BLOCK = 2
 
 
-def decoder() -> UNet1024:
+def decoder(operations=nn) -> UNet1024:
     """The transparent decoder of the Flux file (input latent: the raw 16-channel Flux latent)."""
-    return UNet1024(latent_channels=LATENT_CHANNELS)
+    return UNet1024(latent_channels=LATENT_CHANNELS, operations=operations)
 
 
-def encoder() -> LatentTransparencyOffsetEncoder:
+def encoder(operations=nn) -> LatentTransparencyOffsetEncoder:
     """The latent-offset encoder of the Flux file (feed: padded R,G,B then alpha)."""
-    return LatentTransparencyOffsetEncoder(latent_channels=LATENT_CHANNELS)
+    return LatentTransparencyOffsetEncoder(latent_channels=LATENT_CHANNELS, operations=operations)
 
 
 def flux_vae_layout() -> dict[str, tuple[int, ...]]:

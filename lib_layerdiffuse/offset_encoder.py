@@ -18,14 +18,15 @@ class LatentTransparencyOffsetEncoder(nn.Module):
     """[B,4,H,W] feed in [0,1] -> [B,latent_channels,H/8,W/8] offset (H, W multiples of 8).
 
     The feed's channel order is the weight file's: (alpha, R, G, B) for SD1.5/SDXL.
+    `operations`: the namespace of layer classes, as in unet1024.UNet1024.
     """
 
-    def __init__(self, latent_channels: int = 4):
+    def __init__(self, latent_channels: int = 4, operations=nn):
         super().__init__()
         layers: list[nn.Module] = []
         for cin, cout, stride in _CONVS:
-            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.SiLU()]
-        layers.append(nn.Conv2d(_CONVS[-1][1], latent_channels, 3, padding=1))
+            layers += [operations.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.SiLU()]
+        layers.append(operations.Conv2d(_CONVS[-1][1], latent_channels, 3, padding=1))
         self.blocks = nn.Sequential(*layers)
 
     def forward(self, feed: torch.Tensor) -> torch.Tensor:

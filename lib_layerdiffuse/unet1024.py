@@ -4,6 +4,10 @@ A UNet over the VAE-decoded RGB image, with the diffusion latent injected at 1/8
 that predicts (alpha, R, G, B). Parameter names follow the official
 `vae_transparent_decoder.safetensors` exactly, so the released files load with strict=True.
 This is the network as it reads; `unet1024_cpu` runs the same network faster on the CPU.
+
+Like ComfyUI's own models, the networks take their layer classes as `operations` (a namespace
+with Conv2d, Linear, GroupNorm): `torch.nn` by default; the host passes its own, which subclass
+torch's and add its weight casting and offloading.
 """
 from __future__ import annotations
 
@@ -22,18 +26,18 @@ HEAD_DIM = 8
 SIZE_MULTIPLE = 2 ** (len(BLOCK_CHANNELS) - 1)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, channels, eps=EPS)
+def _norm(channels: int, operations) -> nn.GroupNorm:
+    return operations.GroupNorm(GROUPS, channels, eps=EPS)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, operations=nn):
         super().__init__()
-        self.norm1 = _norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.norm1 = _norm(in_channels, operations)
+        self.conv1 = operations.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, operations)
+        self.conv2 = operations.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = operations.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -46,14 +50,14 @@ class ResnetBlock(nn.Module):
 class SpatialSelfAttention(nn.Module):
     """Self attention over all pixels (heads of HEAD_DIM channels), with a residual connection."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=nn):
         super().__init__()
         self.heads = channels // HEAD_DIM
-        self.group_norm = _norm(channels)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.group_norm = _norm(channels, operations)
+        self.to_q = operations.Linear(channels, channels)
+        self.to_k = operations.Linear(channels, channels)
+        self.to_v = operations.Linear(channels, channels)
+        self.to_out = nn.ModuleList([operations.Linear(channels, channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.attend(self.group_norm(x))
@@ -73,36 +77,37 @@ class SpatialSelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=nn):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = operations.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=nn):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = operations.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class DownBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, attend: bool, downsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, attend: bool, downsample: bool, operations=nn):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(in_channels, out_channels), ResnetBlock(out_channels, out_channels)])
-        if attend:
-            self.attentions = nn.ModuleList([SpatialSelfAttention(out_channels) for _ in self.resnets])
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
+        self.resnets = nn.ModuleList([ResnetBlock(in_channels, out_channels, operations),
+                                      ResnetBlock(out_channels, out_channels, operations)])
+        self.attentions = (nn.ModuleList([SpatialSelfAttention(out_channels, operations) for _ in self.resnets])
+                           if attend else None)
+        self.downsamplers = nn.ModuleList([Downsample(out_channels, operations)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x)
-            if hasattr(self, "attentions"):
+            if self.attentions is not None:
                 x = self.attentions[i](x)
             skips.append(x)
         if self.downsamplers is not None:
@@ -112,20 +117,21 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, skip_channels: list[int], in_channels: int, out_channels: int, attend: bool, upsample: bool):
+    def __init__(self, skip_channels: list[int], in_channels: int, out_channels: int, attend: bool, upsample: bool,
+                 operations=nn):
         super().__init__()
         resnet_inputs = [in_channels] + [out_channels] * (len(skip_channels) - 1)
         self.resnets = nn.ModuleList(
-            [ResnetBlock(cin + skip, out_channels) for cin, skip in zip(resnet_inputs, skip_channels)]
+            [ResnetBlock(cin + skip, out_channels, operations) for cin, skip in zip(resnet_inputs, skip_channels)]
         )
-        if attend:
-            self.attentions = nn.ModuleList([SpatialSelfAttention(out_channels) for _ in self.resnets])
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+        self.attentions = (nn.ModuleList([SpatialSelfAttention(out_channels, operations) for _ in self.resnets])
+                           if attend else None)
+        self.upsamplers = nn.ModuleList([Upsample(out_channels, operations)]) if upsample else None
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1))
-            if hasattr(self, "attentions"):
+            if self.attentions is not None:
                 x = self.attentions[i](x)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
@@ -133,10 +139,11 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=nn):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels), ResnetBlock(channels, channels)])
-        self.attentions = nn.ModuleList([SpatialSelfAttention(channels)])
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, operations),
+                                      ResnetBlock(channels, channels, operations)])
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, operations)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
@@ -154,33 +161,35 @@ class UNet1024(nn.Module):
     # rounding the image and the latent themselves would be the largest single error.
     FLOAT32_MODULES = ("conv_in", "latent_conv_in")
 
-    def __init__(self, latent_channels: int = 4, in_channels: int = 3, out_channels: int = 4):
+    def __init__(self, latent_channels: int = 4, in_channels: int = 3, out_channels: int = 4, operations=nn):
         super().__init__()
         ch = BLOCK_CHANNELS
         n = len(ch)
-        self.conv_in = nn.Conv2d(in_channels, ch[0], 3, padding=1)
-        self.latent_conv_in = nn.Conv2d(latent_channels, ch[LATENT_INJECTION_BLOCK - 1], 1)
+        self.conv_in = operations.Conv2d(in_channels, ch[0], 3, padding=1)
+        self.latent_conv_in = operations.Conv2d(latent_channels, ch[LATENT_INJECTION_BLOCK - 1], 1)
 
         self.down_blocks = nn.ModuleList()
         skip_channels = [ch[0]]
         for i in range(n):
             last = i == n - 1
-            self.down_blocks.append(DownBlock(ch[max(i - 1, 0)], ch[i], attend=i >= n - ATTENTION_BLOCKS, downsample=not last))
+            self.down_blocks.append(DownBlock(ch[max(i - 1, 0)], ch[i], attend=i >= n - ATTENTION_BLOCKS,
+                                              downsample=not last, operations=operations))
             skip_channels += [ch[i]] * (2 if last else 3)
 
-        self.mid_block = MidBlock(ch[-1])
+        self.mid_block = MidBlock(ch[-1], operations)
 
         self.up_blocks = nn.ModuleList()
         previous = ch[-1]
         for i, out_channels_i in enumerate(reversed(ch)):
             block_skips = [skip_channels.pop() for _ in range(3)]
             self.up_blocks.append(
-                UpBlock(block_skips, previous, out_channels_i, attend=i < ATTENTION_BLOCKS, upsample=i < n - 1)
+                UpBlock(block_skips, previous, out_channels_i, attend=i < ATTENTION_BLOCKS, upsample=i < n - 1,
+                        operations=operations)
             )
             previous = out_channels_i
 
-        self.conv_norm_out = _norm(ch[0])
-        self.conv_out = nn.Conv2d(ch[0], out_channels, 3, padding=1)
+        self.conv_norm_out = _norm(ch[0], operations)
+        self.conv_out = operations.Conv2d(ch[0], out_channels, 3, padding=1)
 
     @property
     def compute_dtype(self) -> torch.dtype:

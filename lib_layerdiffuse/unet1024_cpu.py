@@ -233,9 +233,16 @@ DOWN_RESNETS = 2  # per down block
 UP_RESNETS = 3  # per up block: one per skip its down block left (two resnets, then the sampler)
 
 
+# The layers the executor computes from their weight and bias. The network's `operations` may
+# supply subclasses (ComfyUI's layers, which cast weights in their forward): the executor reads
+# the weights as stored, the dtype build_model gave them, so the host's layers cast nothing here.
+LAYERS = (nn.Conv2d, nn.GroupNorm, nn.Linear)
+
+
 def check_structure(model: nn.Module) -> None:
     """Raise UnknownNetworkError unless `model` is the UNet1024 that CpuExecutor runs: these
-    module types exactly (no subclass, nothing added), BLOCK_CHANNELS down blocks of
+    module types exactly (no subclass, nothing added; the LAYERS or subclasses of them),
+    BLOCK_CHANNELS down blocks of
     DOWN_RESNETS resnets, attention in the last ATTENTION_BLOCKS, downsampling in all but the
     last; resnet-attention-resnet in the middle; mirrored up blocks of UP_RESNETS resnets on the
     skips, upsampling in all but the last; the latent joining before down block
@@ -249,9 +256,12 @@ def check_structure(model: nn.Module) -> None:
                 "network it was written for; change it with the network (or run the network itself)")
 
     def module(m: object, where: str, kind: type) -> None:
-        expect(type(m) is kind, where, f"a {kind.__name__} (found {type(m).__name__})")
-        if kind not in (nn.Conv2d, nn.GroupNorm, nn.Linear):
-            own = [name for name, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
+        own = [name for name, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
+        if kind in LAYERS:
+            expect(isinstance(m, kind) and set(own) <= {"weight", "bias"}, where,
+                   f"a {kind.__name__} holding only its weight and bias (found {type(m).__name__} with {own})")
+        else:
+            expect(type(m) is kind, where, f"a {kind.__name__} (found {type(m).__name__})")
             expect(not own, where, f"a {kind.__name__} without tensors of its own (found {own})")
         checked.add(id(m))
 
@@ -302,7 +312,7 @@ def check_structure(model: nn.Module) -> None:
         for i, (r, (cin, cout)) in enumerate(zip(listed(block.resnets, f"{where}.resnets", ResnetBlock, len(channels)),
                                                  channels)):
             resnet(r, f"{where}.resnets.{i}", cin, cout)
-        expect(hasattr(block, "attentions") == attend, where, "attending" if attend else "without attention")
+        expect((block.attentions is not None) == attend, where, "attending" if attend else "without attention")
         if attend:
             for i, a in enumerate(listed(block.attentions, f"{where}.attentions", SpatialSelfAttention, len(channels))):
                 attention(a, f"{where}.attentions.{i}", channels[i][1])
@@ -367,7 +377,7 @@ class CpuExecutor:
                 x = x + injected
             for j, resnet in enumerate(block.resnets):
                 x = self._resnet(resnet, x)
-                if hasattr(block, "attentions"):
+                if block.attentions is not None:
                     x = self._attention(block.attentions[j], x)
                 skips.append(x)
             if block.downsamplers is not None:
@@ -382,7 +392,7 @@ class CpuExecutor:
                 x = torch.cat([x, skip], dim=1, out=self.storages.view("concat", (n, c + skip.shape[1], h, w), x))
                 del skip  # copied into the concatenation: free it before the resnet runs
                 x = self._resnet(resnet, x, out_site="up_resnet")
-                if hasattr(block, "attentions"):
+                if block.attentions is not None:
                     x = self._attention(block.attentions[j], x)
             if block.upsamplers is not None:
                 x = upsample(block.upsamplers[0].conv, x, self.storages)

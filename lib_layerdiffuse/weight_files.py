@@ -106,10 +106,12 @@ def layout_differences(expected: Mapping[str, tuple], actual: Mapping[str, tuple
     return lines
 
 
-def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], file_name: str) -> nn.Module:
+def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], file_name: str,
+                layout: nn.Module | None = None) -> nn.Module:
     """Load `state_dict` into `module` (built on any device, the meta device included) after
-    checking that keys and shapes match exactly. Returns the module, now holding the tensors."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    checking that keys and shapes match exactly those of `layout` (by default the module itself).
+    Returns the module, now holding the tensors."""
+    expected = {k: tuple(v.shape) for k, v in (layout or module).state_dict().items()}
     problems = layout_differences(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if problems:
         raise WeightFileError(
@@ -121,15 +123,20 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], file_
     return module
 
 
-def build_model(factory: Callable[[], nn.Module], state_dict: Mapping[str, torch.Tensor], file_name: str,
-                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_model(factory: Callable[..., nn.Module], state_dict: Mapping[str, torch.Tensor], file_name: str,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                operations=None) -> nn.Module:
     """Build a network without allocating its random init (meta device), load the file's tensors
     strictly and move it to `device`/`dtype` in inference mode. Convolution weights are stored
     channels-last, the faster layout for these small-channel convolutions on CPU and GPU.
-    Submodules a network lists in `FLOAT32_MODULES` stay float32 whatever `dtype` is."""
+    Submodules a network lists in `FLOAT32_MODULES` stay float32 whatever `dtype` is.
+    `operations`: the layer classes to build from (`factory(operations=...)`), else torch's."""
     with torch.device("meta"):
-        module = factory()
-    load_strict(module, state_dict, file_name)
+        module = factory() if operations is None else factory(operations=operations)
+        # The file is checked against torch's layers: a host's may create their tensors only as
+        # the file loads (ComfyUI's Linear does with its dynamic VRAM).
+        layout = None if operations is None else factory()
+    load_strict(module, state_dict, file_name, layout)
     module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     for name in getattr(module, "FLOAT32_MODULES", ()):
         module.get_submodule(name).float()

@@ -16,6 +16,7 @@ from torch import nn
 
 import comfy.model_management as model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.utils
 import folder_paths
 
@@ -77,7 +78,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if model_management.should_use_fp16(device) else torch.float32
 
 
-def network(path: str, factory: Callable[[], nn.Module], dtype: torch.dtype | None = None,
+def network(path: str, factory: Callable[..., nn.Module], dtype: torch.dtype | None = None,
             prefix: str = "") -> comfy.model_patcher.ModelPatcher:
     """The network stored in the file at `path` (or in its tensors named `prefix`...), loaded
     strictly, as a ModelPatcher (not yet on the GPU); weights in `dtype`, by default ComfyUI's
@@ -91,7 +92,9 @@ def network(path: str, factory: Callable[[], nn.Module], dtype: torch.dtype | No
         _networks.move_to_end(key)
         return _networks[key]
     label = os.path.basename(path) + (f" ({prefix}*)" if prefix else "")
-    module = build_model(factory, read_safetensors(path, prefix), label, device=offload, dtype=dtype)
+    # Built from ComfyUI's layers, as core builds its models (weights already in `dtype`: nothing to cast).
+    module = build_model(factory, read_safetensors(path, prefix), label, device=offload, dtype=dtype,
+                         operations=comfy.ops.disable_weight_init)
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=offload)
     _networks[key] = patcher
     while len(_networks) > CACHED_NETWORKS:

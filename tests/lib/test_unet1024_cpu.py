@@ -183,6 +183,7 @@ CHANGES = {
                           "up_blocks.1.resnets.0"),
     "a norm without affine": (lambda m: setattr(m, "conv_norm_out", nn.GroupNorm(4, 32, affine=False)),
                               "conv_norm_out"),
+    "a layer with a tensor of its own": (lambda m: m.conv_out.register_buffer("scale", torch.ones(1)), "conv_out"),
 }
 
 
@@ -203,6 +204,24 @@ def test_structure_check_accepts_both_official_networks():
     with torch.device("meta"):
         for latent_channels in (4, 16):
             check_structure(UNet1024(latent_channels))
+
+
+def test_structure_check_accepts_layers_of_an_operations_namespace():
+    """A host's layer classes (as ComfyUI's comfy.ops) subclass torch's: the network is the same."""
+    class Layers:
+        class Conv2d(nn.Conv2d):
+            pass
+
+        class Linear(nn.Linear):
+            pass
+
+        class GroupNorm(nn.GroupNorm):
+            pass
+
+    with torch.device("meta"):
+        model = UNet1024(operations=Layers)
+    assert type(model.conv_in) is Layers.Conv2d and type(model.mid_block.attentions[0].to_q) is Layers.Linear
+    check_structure(model)
 
 
 # --- probes ---------------------------------------------------------------------------------------
