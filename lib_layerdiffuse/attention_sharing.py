@@ -39,10 +39,6 @@ SD15_ATTENTION_MODULES: tuple[str, ...] = tuple(
     f"{block}.transformer_blocks.0.{attn}" for block in _SD15_TRANSFORMERS for attn in ("attn1", "attn2")
 )
 
-_SD15_WIDTH = {1: 320, 2: 320, 4: 640, 5: 640, 7: 1280, 8: 1280}
-_SD15_WIDTH_UP = {3: 1280, 4: 1280, 5: 1280, 6: 640, 7: 640, 8: 640, 9: 320, 10: 320, 11: 320}
-SD15_CONTEXT_DIM = 768
-
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -52,17 +48,6 @@ class AttentionShape:
     inner_dim: int
     out_dim: int
     heads: int
-
-
-def sd15_attention_shapes() -> list[AttentionShape]:
-    """The 32 shapes of the SD1.5 UNet, so the official files can be checked without a model."""
-    shapes = []
-    for name in SD15_ATTENTION_MODULES:
-        block, index = name.split(".")[:2]
-        width = {"input_blocks": _SD15_WIDTH, "output_blocks": _SD15_WIDTH_UP}.get(block, {}).get(int(index), 1280)
-        context = width if name.endswith("attn1") else SD15_CONTEXT_DIM
-        shapes.append(AttentionShape(width, context, width, width, 8))
-    return shapes
 
 
 class FrameLoRA(nn.Module):

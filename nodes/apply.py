@@ -18,7 +18,7 @@ from .host_compat import schema
 from .modes import APPLY_MODES, COND_JOINT_MODES, COND_MODES, DIFF_MODES, JOINT_MODES, Mode, check_family, find_mode
 from .sd15_sharing import apply_attention_sharing
 from .naming import CATEGORY, SEARCH_ALIASES
-from .sdxl_patches import apply_concat_mode, apply_weight_patches, apply_weight_patches_until, load_patches
+from .sdxl_patches import apply_concat_mode, apply_mode_patches, load_patches
 
 
 def _config_input(modes: Sequence[Mode]) -> io.Combo.Input:
@@ -60,6 +60,13 @@ def _first_tensor(conditioning: Optional[list]) -> Optional[torch.Tensor]:
     return conditioning[0][0] if conditioning else None
 
 
+def _mode(modes: Sequence[Mode], config: str, model: io.Model.Type, node: type[io.ComfyNode]) -> Mode:
+    """The chosen mode, once the model is known to be of its family (else an error naming the node)."""
+    mode = find_mode(modes, config)
+    check_family(model, mode, node.define_schema().display_name)
+    return mode
+
+
 def _weight_file_problem(modes: Sequence[Mode], config: str | None) -> bool | str:
     return model_store.chosen_file_problem("config", config, {mode.config: mode.weight_file for mode in modes})
 
@@ -84,14 +91,10 @@ class LayeredDiffusionApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: io.Model.Type, config: str, weight: float, stop_at: float = 1.0) -> io.NodeOutput:
-        mode = find_mode(APPLY_MODES, config)
-        check_family(model, mode)
+        mode = _mode(APPLY_MODES, config, model, cls)
         if mode.family == SD15:
             return io.NodeOutput(apply_attention_sharing(model, mode, strength=weight, stop_at=stop_at))
-        patches = load_patches(model, mode)
-        if stop_at < 1.0:
-            return io.NodeOutput(apply_weight_patches_until(model, patches, weight, stop_at))
-        return io.NodeOutput(apply_weight_patches(model, patches, weight))
+        return io.NodeOutput(apply_mode_patches(model, mode, load_patches(model, mode), weight, stop_at))
 
 
 class LayeredDiffusionJointApply(io.ComfyNode):
@@ -123,7 +126,7 @@ class LayeredDiffusionJointApply(io.ComfyNode):
     def execute(cls, model: io.Model.Type, config: str, fg_cond: io.Conditioning.Type = None,
                 bg_cond: io.Conditioning.Type = None, blended_cond: io.Conditioning.Type = None,
                 stop_at: float = 1.0) -> io.NodeOutput:
-        mode = find_mode(JOINT_MODES, config)
+        mode = _mode(JOINT_MODES, config, model, cls)
         overwrites = [_first_tensor(c) for c in (fg_cond, bg_cond, blended_cond)]
         return io.NodeOutput(apply_attention_sharing(model, mode, stop_at=stop_at, overwrites=overwrites))
 
@@ -155,7 +158,7 @@ class LayeredDiffusionCondApply(io.ComfyNode):
     @classmethod
     def execute(cls, model: io.Model.Type, cond: io.Conditioning.Type, uncond: io.Conditioning.Type,
                 latent: io.Latent.Type, config: str, weight: float, stop_at: float = 1.0) -> io.NodeOutput:
-        mode = find_mode(COND_MODES, config)
+        mode = _mode(COND_MODES, config, model, cls)
         return io.NodeOutput(*apply_concat_mode(model, mode, cond, uncond, [latent], weight, stop_at))
 
 
@@ -187,7 +190,7 @@ class LayeredDiffusionCondJointApply(io.ComfyNode):
     @classmethod
     def execute(cls, model: io.Model.Type, image: io.Image.Type, config: str, cond: io.Conditioning.Type = None,
                 blended_cond: io.Conditioning.Type = None, stop_at: float = 1.0) -> io.NodeOutput:
-        mode = find_mode(COND_JOINT_MODES, config)
+        mode = _mode(COND_JOINT_MODES, config, model, cls)
         overwrites = [_first_tensor(c) for c in (cond, blended_cond)]
         return io.NodeOutput(apply_attention_sharing(model, mode, stop_at=stop_at, overwrites=overwrites,
                                                      control_image=image))
@@ -222,7 +225,7 @@ class LayeredDiffusionDiffApply(io.ComfyNode):
     def execute(cls, model: io.Model.Type, cond: io.Conditioning.Type, uncond: io.Conditioning.Type,
                 blended_latent: io.Latent.Type, latent: io.Latent.Type, config: str, weight: float,
                 stop_at: float = 1.0) -> io.NodeOutput:
-        mode = find_mode(DIFF_MODES, config)
+        mode = _mode(DIFF_MODES, config, model, cls)
         return io.NodeOutput(*apply_concat_mode(model, mode, cond, uncond, [latent, blended_latent], weight, stop_at))
 
 

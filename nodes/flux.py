@@ -13,18 +13,18 @@ from comfy_api.latest import io
 
 from ..lib_layerdiffuse import flux_vae
 from ..lib_layerdiffuse.errors import InputError
-from ..lib_layerdiffuse.weight_files import WEIGHT_FILES, read_safetensors
+from ..lib_layerdiffuse.weight_files import FLUX, WEIGHT_FILES, read_safetensors
 from . import model_store
 from .flux_weights import (
     LORA_NAME,
     apply_lora,
     load_flux_vae,
-    network,
-    require_flux_model,
     require_flux_vae,
+    transparent_vae_network,
     transparent_vae_problem,
 )
 from .host_compat import schema
+from .modes import require_family
 from .naming import FLUX_CATEGORY, SEARCH_ALIASES
 from .rgba_io import alpha_output, rgba_image_inputs
 from .vae_pipeline import (
@@ -70,7 +70,7 @@ class LayeredDiffusionFluxApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: io.Model.Type, strength: float) -> io.NodeOutput:
-        require_flux_model(model, "Layer Diffuse Flux Apply")
+        require_family(model, FLUX, "Layer Diffuse Flux Apply")
         path = model_store.weight_path(WEIGHT_FILES[LORA_NAME])
         return io.NodeOutput(apply_lora(model, read_safetensors(path), strength, LORA_NAME))
 
@@ -134,7 +134,7 @@ class LayeredDiffusionFluxDecode(io.ComfyNode):
             raise InputError(f"{node}: expected a Flux latent [B,16,h,w], got shape {list(latent.shape)}; connect "
                              "the KSampler output of a Flux model")
         pixel = decode_unclamped(vae, latent)
-        decoder = network(flux_vae.DECODER, flux_vae.decoder, decoder_weights_dtype(precision))
+        decoder = transparent_vae_network(flux_vae.DECODER, flux_vae.decoder, decoder_weights_dtype(precision))
         # The Flux files predict R,G,B,A: already the IMAGE channel order.
         image = run_transparent_decoder(decoder, pixel, latent, sub_batch_size, passes).movedim(1, -1)
         return io.NodeOutput(image, image[..., 3])
@@ -161,7 +161,7 @@ class LayeredDiffusionFluxEncode(io.ComfyNode):
     def execute(cls, vae: io.Vae.Type, image: io.Image.Type, mask: io.Mask.Type = None) -> io.NodeOutput:
         node = "Layer Diffuse Flux Encode"
         require_flux_vae(vae, node)
-        encoder = network(flux_vae.ENCODER, flux_vae.encoder)
+        encoder = transparent_vae_network(flux_vae.ENCODER, flux_vae.encoder)
         latent = encode_transparent(vae, image, mask, encoder, flux_vae.transparency_offset, flux_vae.FLATTEN_GREY, node)
         return io.NodeOutput({"samples": latent})
 

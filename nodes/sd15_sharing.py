@@ -20,7 +20,7 @@ from ..lib_layerdiffuse import attention_sharing as sharing
 from ..lib_layerdiffuse.errors import ModelError
 from ..lib_layerdiffuse.weight_files import build_model, read_safetensors
 from . import model_store
-from .modes import Mode, check_family
+from .modes import Mode
 
 UNET_PREFIX = "diffusion_model."
 SHARING_BYTES = "layerdiffuse_sharing_bytes"
@@ -49,15 +49,13 @@ def active_until(model: ModelPatcher, stop_at: float) -> Callable[[dict], bool]:
 
 def apply_attention_sharing(model: ModelPatcher, mode: Mode, strength: float = 1.0, stop_at: float = 1.0,
                             overwrites: Sequence[Optional[torch.Tensor]] = (),
-                            control_image: Optional[torch.Tensor] = None,
-                            weight_path: Optional[str] = None) -> ModelPatcher:
+                            control_image: Optional[torch.Tensor] = None) -> ModelPatcher:
     """A clone of an SD1.5 `model` whose attention modules share attention across the frames of
     each image. `overwrites[f]`: a text context for frame f's cond rows (or None); `control_image`
     [B,H,W,3]: the given layer of the modes that take one."""
-    check_family(model, mode)
     if mode.control and control_image is None:
         raise ModelError(f"'{mode.config}' needs the image of the given layer")
-    path = weight_path or model_store.weight_path(mode.weight_file)
+    path = model_store.weight_path(mode.weight_file)
     work = model.clone()
     keys = [UNET_PREFIX + name for name in sharing.SD15_ATTENTION_MODULES]
     originals = []

@@ -1,11 +1,11 @@
 """SDXL LayerDiffuse modes on ComfyUI's UNet: the patch files as ComfyUI weight patches, the given
 layers as concat conditioning, and stop_at as a weight hook whose keyframes end it.
 
-Host internals used here: ComfyUI's LoRA loading (`comfy.sd.load_lora_for_models`, and the weight
-hooks of `comfy.hooks`, which load the same generic format), fed the patch files in the generic
-LoRA/diff format; a `pad_weight` diff patch for the widened input convolution; hook keyframes;
-`model_conds["c_concat"]` on conditioning entries; for the Apply node with stop_at, an
-OUTER_SAMPLE wrapper that gives the hook to the sampler's prompts and registers it.
+Host internals used here: ComfyUI's LoRA loading (through lora_fit, and the weight hooks of
+`comfy.hooks`, which load the same generic format), fed the patch files in the generic LoRA/diff
+format; a `pad_weight` diff patch for the widened input convolution; hook keyframes;
+`model_conds["c_concat"]` on conditioning entries; for stop_at, an OUTER_SAMPLE wrapper that gives
+the hook to the sampler's prompts and registers it.
 """
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ import comfy.conds
 import comfy.hooks
 import comfy.patcher_extension
 import comfy.sampler_helpers
-import comfy.sd
 from comfy.model_patcher import ModelPatcher
 
 from ..lib_layerdiffuse import patch_files
 from ..lib_layerdiffuse.errors import ModelError
 from ..lib_layerdiffuse.weight_files import read_safetensors
-from . import model_store
-from .modes import Mode, check_family
+from . import lora_fit, model_store
+from .modes import Mode
 
 UNET_PREFIX = "diffusion_model."
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -33,9 +32,9 @@ WRAPPER_KEY = "layerdiffuse_stop_at"
 Conditioning = list  # ComfyUI's CONDITIONING: [[tensor, options], ...]
 
 
-def load_patches(model: ModelPatcher, mode: Mode, weight_path: Optional[str] = None) -> list[patch_files.WeightPatch]:
+def load_patches(model: ModelPatcher, mode: Mode) -> list[patch_files.WeightPatch]:
     """The mode's patch file, parsed and checked against the model's weights."""
-    path = weight_path or model_store.weight_path(mode.weight_file)
+    path = model_store.weight_path(mode.weight_file)
     patches = patch_files.parse_patch_file(read_safetensors(path), mode.file)
     patch_files.check_against_model(patches, declared_shapes(model), mode.file)
     return patches
@@ -78,44 +77,42 @@ def _widening(model: ModelPatcher, patches: Sequence[patch_files.WeightPatch]) -
     """The patch that widens the input conv (the layer-conditioning files take 8 or 12 channels),
     if any. No other weight may change shape."""
     shapes = declared_shapes(model)
-    wide = [p for p in patches if p.pads(shapes[p.key])]
+    wide = [p for p in patches if p.key in shapes and p.pads(shapes[p.key])]  # a key not there: lora_fit says so
     for p in wide:
         if p.key != CONV_IN_KEY:
             raise ModelError(f"only the input conv can be widened; {p.key} is {list(shapes[p.key])}")
     return wide[0] if wide else None
 
 
-def _pad_input_conv(model: ModelPatcher, wide: patch_files.WeightPatch, diff: torch.Tensor, strength: float) -> None:
+def _pad_input_conv(model: ModelPatcher, diff: torch.Tensor, strength: float) -> None:
     """Widen the input conv of `model` (a clone) to the patch's channel count, adding `diff`: the
     given layers' channels start from the file's weights alone."""
     model.add_patches({CONV_IN_KEY: ("diff", (diff, {"pad_weight": True}))}, strength)
 
 
-def apply_weight_patches(model: ModelPatcher, patches: Sequence[patch_files.WeightPatch],
-                         strength: float) -> ModelPatcher:
+def apply_weight_patches(model: ModelPatcher, patches: Sequence[patch_files.WeightPatch], strength: float,
+                         file_name: str) -> ModelPatcher:
     """A clone of `model` with the patches at `strength`, through ComfyUI's own LoRA loading."""
     wide = _widening(model, patches)
     same_shape = [p for p in patches if p is not wide]
-    work, _ = comfy.sd.load_lora_for_models(model, None, generic_lora(same_shape), strength, 0.0)
-    missing = [p.key for p in same_shape if p.key not in work.patches]
-    if missing:  # check_against_model makes this unreachable unless the host changes
-        raise ModelError(f"ComfyUI did not accept patches for: {', '.join(missing[:8])}")
+    work = lora_fit.apply_lora(model, generic_lora(same_shape), strength, file_name,
+                               "Use the official file for this config, on an SDXL model.")
     if wide is not None:
-        _pad_input_conv(work, wide, wide.diff, strength)
+        _pad_input_conv(work, wide.diff, strength)
     return work
 
 
 def stop_hooks(model: ModelPatcher, patches: Sequence[patch_files.WeightPatch], strength: float,
                stop_at: float) -> tuple[ModelPatcher, comfy.hooks.HookGroup]:
     """(clone of `model`, hooks) for patches that act until stop_at: a weight hook with the
-    patches at `strength`, whose keyframes drop it to 0 at stop_at, for the prompts to carry.
+    patches at `strength`, whose keyframes drop it to 0 at stop_at, for the sampler's prompts.
     Hooked weights are swapped in place, so they cannot change shape: the clone's input conv is
     widened with zeros for good, and the hook adds the file's input conv to it until stop_at
     (after it the extra channels weigh nothing, whatever the prompt still feeds them)."""
     wide = _widening(model, patches)
     work = model.clone()
     if wide is not None:
-        _pad_input_conv(work, wide, torch.zeros_like(wide.diff), 1.0)
+        _pad_input_conv(work, torch.zeros_like(wide.diff), 1.0)
     hooks = comfy.hooks.create_hook_lora(generic_lora(patches), strength_model=strength, strength_clip=0.0)
     keyframes = comfy.hooks.HookKeyframeGroup()
     keyframes.add(comfy.hooks.HookKeyframe(strength=1.0, start_percent=0.0))
@@ -126,9 +123,13 @@ def stop_hooks(model: ModelPatcher, patches: Sequence[patch_files.WeightPatch], 
 
 def apply_weight_patches_until(model: ModelPatcher, patches: Sequence[patch_files.WeightPatch], strength: float,
                                stop_at: float) -> ModelPatcher:
-    """A clone of `model` whose patches act until stop_at (the Apply node). The node has no
-    prompt to give the hook to, so an OUTER_SAMPLE wrapper adds it to every prompt the sampler
-    was handed and registers it, as ComfyUI registers the hooks prompts bring."""
+    """A clone of `model` whose patches act until stop_at: an OUTER_SAMPLE wrapper adds the hook
+    to every prompt the sampler was handed and registers it, as ComfyUI registers the hooks
+    prompts bring.
+
+    Every SDXL mode stops this way, also those that return prompts (which could carry the hook
+    themselves): the Apply node returns only a model, so the hook has to come with the model, and
+    one mechanism keeps stop_at behaving the same in every node."""
     work, hooks = stop_hooks(model, patches, strength, stop_at)
 
     def outer_sample(executor, *args, **kwargs):
@@ -156,31 +157,33 @@ def _register_weight_hooks(guider) -> None:
         hooks, target, guider.model_options, registered)
 
 
-def with_concat(conditioning: Conditioning, c_concat: torch.Tensor,
-                hooks: Optional[comfy.hooks.HookGroup] = None) -> Conditioning:
-    """A copy of `conditioning` whose entries feed `c_concat` to the model (and carry `hooks`,
-    added to any the entries have)."""
+def with_concat(conditioning: Conditioning, c_concat: torch.Tensor) -> Conditioning:
+    """A copy of `conditioning` whose entries feed `c_concat` to the model."""
     out = []
     for tensor, options in conditioning:
         model_conds = {**options.get("model_conds", {}), "c_concat": comfy.conds.CONDRegular(c_concat)}
         out.append([tensor, {**options, "model_conds": model_conds}])
-    return comfy.hooks.set_hooks_for_conditioning(out, hooks) if hooks is not None else out
+    return out
+
+
+def apply_mode_patches(model: ModelPatcher, mode: Mode, patches: Sequence[patch_files.WeightPatch],
+                       strength: float, stop_at: float) -> ModelPatcher:
+    """A clone of `model` with the mode's patches, until stop_at where it is below 1."""
+    if stop_at < 1.0:
+        return apply_weight_patches_until(model, patches, strength, stop_at)
+    return apply_weight_patches(model, patches, strength, mode.file)
 
 
 def apply_concat_mode(model: ModelPatcher, mode: Mode, cond: Conditioning, uncond: Conditioning,
-                      latents: Sequence[dict], strength: float, stop_at: float = 1.0,
-                      weight_path: Optional[str] = None) -> tuple[ModelPatcher, Conditioning, Conditioning]:
+                      latents: Sequence[dict], strength: float,
+                      stop_at: float = 1.0) -> tuple[ModelPatcher, Conditioning, Conditioning]:
     """(model, cond, uncond) for the SDXL layer-conditioning modes: weight patches plus the given
     latents (in the model's latent space) as concat conditioning on cond and uncond."""
-    check_family(model, mode)
-    patches = load_patches(model, mode, weight_path)
+    patches = load_patches(model, mode)
     channels = patch_files.input_channels(patches, CONV_IN_KEY)
     c_concat = model.model.latent_format.process_in(torch.cat([latent["samples"] for latent in latents], dim=1))
     base_channels = model.model.diffusion_model.input_blocks[0][0].in_channels
     if channels is not None and channels != base_channels + c_concat.shape[1]:
         raise ModelError(f"{mode.file} expects {channels - base_channels} concat channels, got {c_concat.shape[1]}")
-    if stop_at >= 1.0:
-        work, hooks = apply_weight_patches(model, patches, strength), None
-    else:
-        work, hooks = stop_hooks(model, patches, strength, stop_at)
-    return work, with_concat(cond, c_concat, hooks), with_concat(uncond, c_concat, hooks)
+    work = apply_mode_patches(model, mode, patches, strength, stop_at)
+    return work, with_concat(cond, c_concat), with_concat(uncond, c_concat)

@@ -24,7 +24,7 @@ from ..lib_layerdiffuse.rgba_upscale import (
     resize_rgba,
     upscale_rgba_with_model,
 )
-from .host_compat import schema
+from .host_compat import is_oom, schema, upscale_model_on_device
 from .naming import CATEGORY, SEARCH_ALIASES
 from .rgba_io import alpha_output, join_rgba, rgba_image_inputs, split_rgba
 
@@ -37,29 +37,12 @@ MIN_TILE = 128
 MODEL_BYTES_PER_PIXEL = 3 * 4 * 384
 
 
-def _is_oom(error: Exception) -> bool:
-    is_oom = getattr(model_management, "is_oom", None)  # ComfyUI 0.3x; older ones only have the type
-    return is_oom(error) if is_oom else isinstance(error, model_management.OOM_EXCEPTION)
-
-
 @contextmanager
 def _model_on_device(upscale_model, image: torch.Tensor) -> Iterator[torch.device]:
-    """The upscale model on ComfyUI's device for the block, placed as core's Upscale Image (using
-    Model) places it on the running ComfyUI version."""
+    """The upscale model on ComfyUI's device for the block, with room for a tile's work."""
     memory = TILE * TILE * MODEL_BYTES_PER_PIXEL * max(upscale_model.scale, 1.0) + image.nelement() * 4
-    patcher = getattr(upscale_model, "patcher", None)
-    if patcher is not None:  # ComfyUI 0.3x's loader wraps the model in a ModelPatcher
-        model_management.load_models_gpu([patcher], memory_required=memory, force_full_load=True)
-        yield patcher.load_device
-        return
-    # Older versions move the bare model there and back.
-    device = model_management.get_torch_device()
-    model_management.free_memory(memory + model_management.module_size(upscale_model.model), device)
-    upscale_model.to(device)
-    try:
+    with upscale_model_on_device(upscale_model, memory) as device:
         yield device
-    finally:
-        upscale_model.to(model_management.unet_offload_device())
 
 
 def tiled_model(upscale_model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -81,7 +64,7 @@ def tiled_model(upscale_model, device: torch.device) -> Callable[[torch.Tensor],
                     upscale_amount=upscale_model.scale, pbar=comfy.utils.ProgressBar(steps),
                     output_device=model_management.intermediate_device())
             except Exception as error:
-                if not _is_oom(error) or tile // 2 < MIN_TILE:
+                if not is_oom(error) or tile // 2 < MIN_TILE:
                     raise
                 tile //= 2
 

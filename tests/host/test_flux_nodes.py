@@ -138,8 +138,8 @@ def test_decode_passes_and_progress(pack, flux_vae, flux_golden, monkeypatch):
                         sub_batch_size=2, passes="1", precision="float32")
     assert updates == [(1, 2), (2, 2)]
     # One pass is the clipped single pass of the decoder on the unclamped pixels.
-    decoder = pack_module("nodes.flux_weights").network("decoder", pack_module("lib_layerdiffuse.flux_vae").decoder,
-                                                 torch.float32).model
+    decoder = pack_module("nodes.flux_weights").transparent_vae_network(
+        "decoder", pack_module("lib_layerdiffuse.flux_vae").decoder, torch.float32).model
     with torch.no_grad():
         single = decoder(flux_golden["chain.origin_pixel"], flux_golden["decoder.latent"]).clamp(0, 1)
     for row in image:
@@ -218,26 +218,3 @@ def test_apply_node_patches_the_model_through_comfyui(pack, flux_dev_on_meta, la
     assert patched is not flux_dev_on_meta and not flux_dev_on_meta.patches
     assert len(patched.patches) == 304
     assert {entry[0] for patches in patched.patches.values() for entry in patches} == {0.8}
-
-
-def test_lora_keys_that_fit_nothing_are_an_error(pack, flux_dev_on_meta):
-    flux = pack_module("nodes.flux_weights")
-    weight_files = pack_module("lib_layerdiffuse.weight_files")
-    lora = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
-            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4),
-            "lora_unet_double_blocks_99_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072)}
-    with pytest.raises(weight_files.WeightFileError, match="1 LoRA keys do not fit.*double_blocks_99"):
-        flux.apply_lora(flux_dev_on_meta, lora, 1.0, "layerlora.safetensors")
-    assert len(flux.apply_lora(flux_dev_on_meta, dict(list(lora.items())[:2]), 1.0, "x").patches) == 1
-
-    class SD15Config:
-        unet_config = {"in_channels": 4}
-
-    class SD15Model:
-        model_config = SD15Config()
-
-    class SD15Patcher:
-        model = SD15Model()
-
-    with pytest.raises(pack_module("lib_layerdiffuse.errors").ModelError, match="the model is not FLUX.1"):
-        run_node(pack, "LayeredDiffusionFluxApply", model=SD15Patcher(), strength=1.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.layer_files import layer_model_files
 from support.pack import pack_module
 from support.sd_models import SD15_GOLDENS, percent_between, sample_evals, sample_once, sdxl_model
 from support.synth import golden, manifest, meta_state, synthweights
@@ -48,16 +49,18 @@ def test_concat_mode_stop_at_drops_weights_and_concat(sdxl, sd15_model, goldens,
     """The SDXL layer-conditioning machinery (weight patches + concat conditioning + stop_at),
     run on the SD1.5 UNet with a synthetic patch file, since an SDXL UNet does not fit in memory."""
     g = goldens[TRANSPARENT]
-    path = _synthetic_concat_file(tmp_path / "concat_test.safetensors")
+    # named like an official file, which is where the mode's code looks for it
+    path = _synthetic_concat_file(tmp_path / "layer_xl_fg2ble.safetensors")
     mode = pack_module("nodes.modes").Mode("SD15 concat test", path.name, "SD15")
     cond, uncond = [[g["input.cond_context"], {}]], [[g["input.uncond_context"], {}]]
     latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))}
     high, low = float(g["input.sigma"][0]), 0.5
     stop = percent_between(sd15_model, high, low)
 
-    full = sdxl.apply_concat_mode(sd15_model, mode, cond, uncond, [latent], 1.0, weight_path=str(path))
-    stopping = sdxl.apply_concat_mode(sd15_model, mode, cond, uncond, [latent], 1.0, stop_at=stop,
-                                              weight_path=str(path))
+    with layer_model_files(path):
+        full = sdxl.apply_concat_mode(sd15_model, mode, cond, uncond, [latent], 1.0)
+        stopping = sdxl.apply_concat_mode(sd15_model, mode, cond, uncond, [latent], 1.0, stop_at=stop)
+        model0, cond0, uncond0 = sdxl.apply_concat_mode(sd15_model, mode, cond, uncond, [latent], 1.0, stop_at=0.0)
     full_first, full_second = sample_evals(full[0], g, [high, low], full[1], full[2])
     first, second = sample_evals(stopping[0], g, [high, low], stopping[1], stopping[2])
     base_first, base_second = sample_evals(sd15_model, g, [high, low])
@@ -65,8 +68,6 @@ def test_concat_mode_stop_at_drops_weights_and_concat(sdxl, sd15_model, goldens,
     assert torch.equal(second, base_second)  # after it: the original weights, no concat
     assert (full_second - base_second).abs().max() > 0.1 and (first - base_first).abs().max() > 0.1
     # stop_at 0 leaves nothing of the mode
-    (model0, cond0, uncond0) = sdxl.apply_concat_mode(sd15_model, mode, cond, uncond, [latent], 1.0,
-                                                              stop_at=0.0, weight_path=str(path))
     assert torch.equal(sample_once(model0, g, cond=cond0, uncond=uncond0), sample_once(sd15_model, g))
     # and the checkpoint's model is untouched afterwards
     assert torch.equal(sample_evals(sd15_model, g, [high, low])[1], base_second)
@@ -107,7 +108,7 @@ def test_weight_patches_stop_at_without_conditioning(sdxl, sd15_model, goldens, 
     patches = _synthetic_lora_patches(tmp_path)
     high, low = float(g["input.sigma"][0]), 0.5
     stop = percent_between(sd15_model, high, low)
-    full = sdxl.apply_weight_patches(sd15_model, patches, 1.0)
+    full = sdxl.apply_weight_patches(sd15_model, patches, 1.0, "test.safetensors")
     stopping = sdxl.apply_weight_patches_until(sd15_model, patches, 1.0, stop)
     full_first, _ = sample_evals(full, g, [high, low])
     base_first, base_second = sample_evals(sd15_model, g, [high, low])
@@ -133,7 +134,7 @@ def test_weight_patches_stop_at_keeps_the_prompts_own_hooks(sdxl, sd15_model, go
     hooked_first, hooked_second = sample_evals(sd15_model, g, [high, low], cond, uncond)
     plain_second = sample_evals(sd15_model, g, [high, low])[1]
     assert (hooked_second - plain_second).abs().max() > 1e-3  # the prompt's hook acts
-    full = sdxl.apply_weight_patches(sd15_model, patches, 1.0)
+    full = sdxl.apply_weight_patches(sd15_model, patches, 1.0, "test.safetensors")
     full_first, _ = sample_evals(full, g, [high, low], cond, uncond)
     stopping = sdxl.apply_weight_patches_until(sd15_model, patches, 1.0, stop)
     first, second = sample_evals(stopping, g, [high, low], cond, uncond)
@@ -153,7 +154,7 @@ def test_sdxl_files_map_onto_the_sdxl_unet(sdxl, sdxl_meta, stem):
     patches = patch_files.parse_patch_file(meta_state(stem), stem)
     shapes = {k: tuple(v.shape) for k, v in sdxl_meta.model_state_dict().items()}
     patch_files.check_against_model(patches, shapes, stem)
-    work = sdxl.apply_weight_patches(sdxl_meta, patches, 0.8)
+    work = sdxl.apply_weight_patches(sdxl_meta, patches, 0.8, "test.safetensors")
     assert set(work.patches) == {p.key for p in patches}
     assert not sdxl_meta.patches  # the input model keeps none
 
@@ -187,7 +188,7 @@ def test_sdxl_patched_weights_are_base_plus_delta(sdxl, sdxl_meta, stem, strengt
     patches = patch_files.parse_patch_file(state, stem)
     assert {p.key for p in patches} == set(FAMILY_KEYS[stem])
 
-    work = sdxl.apply_weight_patches(sdxl_meta, patches, strength)
+    work = sdxl.apply_weight_patches(sdxl_meta, patches, strength, "test.safetensors")
     meta_shapes = {p.key: comfy.utils.get_attr(work.model, p.key).shape for p in patches}
     torch.manual_seed(0)
     try:
@@ -239,7 +240,6 @@ def test_sdxl_cond_node_feeds_the_latent_to_cond_and_uncond(apply_module, sdxl, 
         assert out[0][0] is original[0][0] and "model_conds" not in original[0][1]
     # two latents where the file's input conv takes one more: an error, not a shape crash mid-sampling
     modes = pack_module("nodes.modes")
-    diff_mode = modes.find_mode(modes.DIFF_MODES, "SDXL, Foreground")
+    cond_mode = modes.find_mode(modes.COND_MODES, "SDXL, Foreground")
     with pytest.raises(pack_module("lib_layerdiffuse.errors").ModelError, match="expects 4 concat channels, got 8"):
-        sdxl.apply_concat_mode(sdxl_meta, diff_mode, cond, uncond, [latent, latent], 1.0,
-                               weight_path=str(folder / "layer_xl_fg2ble.safetensors"))
+        sdxl.apply_concat_mode(sdxl_meta, cond_mode, cond, uncond, [latent, latent], 1.0)

@@ -10,6 +10,7 @@ from lib_layerdiffuse import attention_sharing as sharing
 from lib_layerdiffuse.errors import InputError, WeightFileError
 from lib_layerdiffuse.weight_files import build_model, read_safetensors
 
+from support.sd15_attention import sd15_attention_shapes
 from support.synth import manifest, synthetic_file
 
 SD15_LAYER_FILES = {  # manifest -> (frames, control encoder)
@@ -21,7 +22,7 @@ SD15_LAYER_FILES = {  # manifest -> (frames, control encoder)
 
 
 def _factory(frames, control):
-    return lambda: sharing.build_attention_sharing(sharing.sd15_attention_shapes(), frames, control)
+    return lambda: sharing.build_attention_sharing(sd15_attention_shapes(), frames, control)
 
 
 @pytest.mark.parametrize("stem", sorted(SD15_LAYER_FILES))

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .layer_files import layer_model_files
 from .synth import meta_state, synthetic_file
 
 # golden stem -> (apply-module mode list, config string, layer manifest, layer seed)
@@ -88,9 +89,10 @@ def golden_patch(stem: str, model, tensors, **overrides):
     mode = modes.find_mode(getattr(modes, modes_name), config)
     overwrites = [tensors[f"input.overwrite_context_{i}"] for i in range(mode.frames)] if mode.frames > 1 else []
     control = tensors.get("input.control_image") if mode.control else None
-    kwargs = dict(overwrites=overwrites, control_image=control, weight_path=str(synthetic_file(manifest, seed=seed)))
+    kwargs = dict(overwrites=overwrites, control_image=control)
     kwargs.update(overrides)
-    return pack_module("nodes.sd15_sharing").apply_attention_sharing(model, mode, **kwargs)
+    with layer_model_files(synthetic_file(manifest, seed=seed)):
+        return pack_module("nodes.sd15_sharing").apply_attention_sharing(model, mode, **kwargs)
 
 
 def sample_evals(model, tensors: dict[str, torch.Tensor], sigmas: list[float], cond=None, uncond=None) -> list[torch.Tensor]:
