@@ -61,7 +61,7 @@ def _first_tensor(conditioning: Optional[list]) -> Optional[torch.Tensor]:
 
 
 def _weight_file_problem(modes: Sequence[Mode], config: str | None) -> bool | str:
-    return model_store.chosen_file_problem("config", config, {mode.config: mode.weight_file for mode in modes})
+    return model_store.validate_file_choice("config", config, {mode.config: mode.weight_file for mode in modes})
 
 
 class LayeredDiffusionApply(io.ComfyNode):

@@ -19,7 +19,7 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
-from ..lib_layerdiffuse.download import download, offline, offline_message
+from ..lib_layerdiffuse.download import download, downloads_off_reason, not_downloadable_message
 from ..lib_layerdiffuse.weight_files import WeightFile, build_model, read_safetensors
 
 FOLDER = "layer_model"
@@ -38,33 +38,35 @@ def register_folder() -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
 
 
-def weight_path(weight_file: WeightFile) -> str:
-    """The file's path in a layer_model folder, downloaded from its official URL if missing.
-    (The folder is registered once, by the pack's entry point.)"""
+def ensure_weight_file(weight_file: WeightFile) -> str:
+    """The file's path in a layer_model folder; downloaded first (from the Hub, or the mirror
+    HF_ENDPOINT names) when it is in none. (The folder is registered once, by the pack's entry point.)"""
     path = folder_paths.get_full_path(FOLDER, weight_file.name)
     if path is not None:
         return path
     folder = folder_paths.get_folder_paths(FOLDER)[0]
-    logging.info("LayerDiffuse: downloading %s to %s", weight_file.url, folder)
+    logging.info("LayerDiffuse: downloading %s from %s to %s", weight_file.name, weight_file.repo_id, folder)
     bar = comfy.utils.ProgressBar(1)
-    return download(weight_file.url, folder, weight_file.name,
+    return download(weight_file.repo_id, weight_file.name, folder,
                     on_progress=lambda done, total: bar.update_absolute(done, max(total, done)))
 
 
 def missing_file_problem(weight_file: WeightFile) -> str | None:
     """Why a prompt that needs `weight_file` cannot run, for a node's validate_inputs: the file is in
-    no layer_model folder and downloads are off (HF_HUB_OFFLINE). None when it is there or will be
-    downloaded on first use. ComfyUI rejects a prompt with every node's validation problem at
-    once, so every missing file is named in one answer."""
-    if offline() and folder_paths.get_full_path(FOLDER, weight_file.name) is None:
-        return offline_message(weight_file.name, weight_file.url, folder_paths.get_folder_paths(FOLDER)[0])
+    no layer_model folder and cannot be downloaded (HF_HUB_OFFLINE, no huggingface_hub). None when
+    it is there or will be downloaded on first use. ComfyUI rejects a prompt with every node's
+    validation problem at once, so every missing file is named in one answer."""
+    reason = downloads_off_reason()
+    if reason is not None and folder_paths.get_full_path(FOLDER, weight_file.name) is None:
+        folder = folder_paths.get_folder_paths(FOLDER)[0]
+        return not_downloadable_message(weight_file.repo_id, weight_file.name, folder, reason)
     return None
 
 
-def chosen_file_problem(name: str, choice: str | None, files: Mapping[str, WeightFile]) -> bool | str:
-    """validate_inputs for the combo input `name` that chooses one of `files`: the choice is one of
-    them and its file is there or can be downloaded (None: the value comes from another node and
-    is checked when the node runs)."""
+def validate_file_choice(name: str, choice: str | None, files: Mapping[str, WeightFile]) -> bool | str:
+    """validate_inputs for the combo input `name` that chooses one of `files`: True when the choice
+    is one of them and its file is there or can be downloaded (or the value comes from another node,
+    None here, and is checked when the node runs), else the problem as ComfyUI shows it."""
     if choice is None:
         return True
     if choice not in files:

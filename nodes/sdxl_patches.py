@@ -35,7 +35,7 @@ Conditioning = list  # ComfyUI's CONDITIONING: [[tensor, options], ...]
 
 def load_patches(model: ModelPatcher, mode: Mode, weight_path: Optional[str] = None) -> list[patch_files.WeightPatch]:
     """The mode's patch file, parsed and checked against the model's weights."""
-    path = weight_path or model_store.weight_path(mode.weight_file)
+    path = weight_path or model_store.ensure_weight_file(mode.weight_file)
     patches = patch_files.parse_patch_file(read_safetensors(path), mode.file)
     patch_files.check_against_model(patches, declared_shapes(model), mode.file)
     return patches
