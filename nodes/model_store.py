@@ -2,7 +2,7 @@
 
 Networks are wrapped in a ComfyUI `ModelPatcher` and moved to the GPU with `load_models_gpu`, so
 ComfyUI offloads them like its own models. A small LRU keeps the last few on the offload device
-so that a second prompt does not read the file again.
+so that a second prompt does not read the file again; a file replaced on disk is read again.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ FOLDER = "layer_model"
 EXTENSIONS = {".safetensors"}
 CACHED_NETWORKS = 4
 
-_networks: "OrderedDict[tuple, comfy.model_patcher.ModelPatcher]" = OrderedDict()
+# (path, prefix, device, dtype) -> (the file's signature when it was read, the network)
+_networks: "OrderedDict[tuple, tuple[tuple, comfy.model_patcher.ModelPatcher]]" = OrderedDict()
 
 
 def register_folder() -> None:
@@ -74,6 +75,21 @@ def validate_file_choice(name: str, choice: str | None, files: Mapping[str, Weig
     return missing_file_problem(files[choice]) or True
 
 
+def file_signature(path: str) -> tuple:
+    """What changes when the file at `path` (or the file its link points to) is replaced or rewritten."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def chosen_file_fingerprint(choice: str | None, files: Mapping[str, WeightFile]) -> tuple:
+    """fingerprint_inputs for a node that reads the file a combo chooses (every one of `files` while
+    the choice comes from another node): it changes when that file is replaced on disk, so that
+    ComfyUI runs the node again instead of reusing the output it made with the old file."""
+    chosen = [files[choice]] if choice in files else list(files.values())
+    paths = [folder_paths.get_full_path(FOLDER, weight_file.name) for weight_file in chosen]
+    return tuple(file_signature(path) if path is not None else None for path in paths)
+
+
 def compute_dtype(device: torch.device) -> torch.dtype:
     """ComfyUI's choice for the device: float16 where it supports it, else float32."""
     return torch.float16 if model_management.should_use_fp16(device) else torch.float32
@@ -84,18 +100,19 @@ def network(path: str, factory: Callable[[], nn.Module], dtype: torch.dtype | No
     """The network stored in the file at `path` (or in its tensors named `prefix`...), loaded
     strictly, as a ModelPatcher (not yet on the GPU); weights in `dtype`, by default ComfyUI's
     choice for the device."""
-    stat = os.stat(path)
+    signature = file_signature(path)
     device = model_management.get_torch_device()
     offload = model_management.unet_offload_device()
     dtype = dtype or compute_dtype(device)
-    key = (path, prefix, stat.st_mtime_ns, stat.st_size, str(device), dtype)
-    if key in _networks:
+    key = (path, prefix, str(device), dtype)
+    if key in _networks and _networks[key][0] == signature:
         _networks.move_to_end(key)
-        return _networks[key]
+        return _networks[key][1]
     label = os.path.basename(path) + (f" ({prefix}*)" if prefix else "")
     module = build_model(factory, read_safetensors(path, prefix), label, device=offload, dtype=dtype)
     patcher = comfy.model_patcher.ModelPatcher(module, load_device=device, offload_device=offload)
-    _networks[key] = patcher
+    _networks[key] = (signature, patcher)
+    _networks.move_to_end(key)
     while len(_networks) > CACHED_NETWORKS:
         _networks.popitem(last=False)
     return patcher

@@ -85,6 +85,10 @@ class LayeredDiffusionDecode(io.ComfyNode):
         return model_store.validate_file_choice("sd_version", sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
+    def fingerprint_inputs(cls, sd_version: str | None = None, **_) -> tuple:
+        return model_store.chosen_file_fingerprint(sd_version, TRANSPARENT_DECODERS)
+
+    @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, sd_version: str, sub_batch_size: int,
                 passes: str = "8", precision: str = "auto") -> io.NodeOutput:
         image = decode_rgba(samples, images, sd_version, sub_batch_size, passes, precision)
@@ -107,6 +111,10 @@ class LayeredDiffusionDecodeRGBA(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
         return model_store.validate_file_choice("sd_version", sd_version, TRANSPARENT_DECODERS)
+
+    @classmethod
+    def fingerprint_inputs(cls, sd_version: str | None = None, **_) -> tuple:
+        return model_store.chosen_file_fingerprint(sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, sd_version: str, sub_batch_size: int,
@@ -145,6 +153,10 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
         return model_store.validate_file_choice("sd_version", sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
+    def fingerprint_inputs(cls, sd_version: str | None = None, **_) -> tuple:
+        return model_store.chosen_file_fingerprint(sd_version, TRANSPARENT_DECODERS)
+
+    @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, frames: int, sd_version: str,
                 sub_batch_size: int, passes: str = "8", precision: str = "auto") -> io.NodeOutput:
         if images.shape[0] % frames:
@@ -179,6 +191,10 @@ class LayeredDiffusionEncode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
         return model_store.validate_file_choice("sd_version", sd_version, TRANSPARENT_ENCODERS)
+
+    @classmethod
+    def fingerprint_inputs(cls, sd_version: str | None = None, **_) -> tuple:
+        return model_store.chosen_file_fingerprint(sd_version, TRANSPARENT_ENCODERS)
 
     @classmethod
     def execute(cls, vae: io.Vae.Type, image: io.Image.Type, sd_version: str,
