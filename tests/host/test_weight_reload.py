@@ -45,3 +45,22 @@ def test_replaced_decoder_file_is_read_again(pack, tmp_path, monkeypatch):
 
     _replace(link, first)
     assert torch.equal(run_node(pack, node.__name__, **inputs)[0], before)
+
+
+def test_apply_nodes_fingerprint_the_file_their_config_reads(pack, tmp_path, monkeypatch):
+    """A patched MODEL made from the old file is not reused once the file is replaced."""
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(tmp_path)], {".safetensors"}))
+    node = pack.NODE_CLASS_MAPPINGS["LayeredDiffusionApply"]
+    config = "SD15, Attention Injection, attn_sharing"
+    missing = node.fingerprint_inputs(config=config)
+    assert missing == (None,)
+    link = tmp_path / "layer_sd15_transparent_attn.safetensors"
+    link.symlink_to(synthetic_file("layer_sd15_transparent_attn"))
+    present = node.fingerprint_inputs(config=config)
+    assert present != missing and node.fingerprint_inputs(config=config) == present
+    _replace(link, synthetic_file(DECODER))
+    assert node.fingerprint_inputs(config=config) != present
+    # A config that comes from another node (None here): every file the node may read counts.
+    assert len(node.fingerprint_inputs(config=None)) == len(pack_module("nodes.modes").APPLY_MODES)
