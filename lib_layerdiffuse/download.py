@@ -69,8 +69,8 @@ def download(repo_id: str, name: str, folder: str,
         raise WeightFileError(not_downloadable_message(repo_id, name, folder, reason))
     hub = _hub()
     target = os.path.join(folder, name)
-    os.makedirs(folder, exist_ok=True)
     try:
+        os.makedirs(folder, exist_ok=True)
         with hub.utils.WeakFileLock(os.path.join(folder, f".{name}.lock")):
             if os.path.isfile(target):
                 return target  # another process fetched it while this one waited for the lock
