@@ -17,13 +17,13 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import zipfile
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from .atomic_write import atomic_write
 from .offset_encoder import LatentTransparencyOffsetEncoder
 from .rgba import pad_rgb
 from .transparent_vae import transparency_offset as shared_transparency_offset
@@ -182,16 +182,9 @@ def convert_pth(pth_path: str, safetensors_path: str) -> str:
 
     state = read_pth(pth_path)
     check_layout(state, os.path.basename(pth_path))
-    folder = os.path.dirname(os.path.abspath(safetensors_path))
-    fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(safetensors_path)}.", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_write(safetensors_path) as partial:
         # clone: tensors from one pickle may share storage, which safetensors refuses.
         save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, partial)
-        os.replace(partial, safetensors_path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return safetensors_path
 
 

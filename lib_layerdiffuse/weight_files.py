@@ -1,7 +1,7 @@
 """The official LayerDiffuse weight files, and loading them with strict layout checks.
 
-One registry (`WEIGHT_FILES`) names every file the pack uses: its file name, download URL, model
-family and what it holds. Loading is safetensors only (never pickle); a file whose keys or
+One registry (`WEIGHT_FILES`) names every file the pack uses: its file name, the Hugging Face
+repository it comes from, model family and what it holds. Loading is safetensors only (never pickle); a file whose keys or
 shapes differ from the network's raises `WeightFileError` naming the file and the differences.
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from .download import HUB
 from .errors import WeightFileError
 
-OFFICIAL_REPO = "https://huggingface.co/LayerDiffusion/layerdiffusion-v1/resolve/main/"
-FLUX_REPO = "https://huggingface.co/RedAIGC/Flux-version-LayerDiffuse/resolve/main/"
+OFFICIAL_REPO = "LayerDiffusion/layerdiffusion-v1"
+FLUX_REPO = "RedAIGC/Flux-version-LayerDiffuse"
 
 SD15 = "SD15"
 SDXL = "SDXL"
@@ -28,11 +29,16 @@ class WeightFile:
     name: str
     family: str
     kind: str
-    url: str
+    repo_id: str
+
+    @property
+    def url(self) -> str:
+        """Where the file is published on the Hugging Face Hub."""
+        return f"{HUB}/{self.repo_id}/resolve/main/{self.name}"
 
 
 def _official(name: str, family: str, kind: str) -> WeightFile:
-    return WeightFile(name, family, kind, OFFICIAL_REPO + name)
+    return WeightFile(name, family, kind, OFFICIAL_REPO)
 
 
 WEIGHT_FILES: dict[str, WeightFile] = {
@@ -54,10 +60,8 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         _official("layer_sd15_bg2fg.safetensors", SD15, "background to foreground attention sharing"),
         # The Flux port (a third-party LayerDiffuse for FLUX.1-dev). TransparentVAE.pth is a pickle:
         # lib_layerdiffuse.flux_vae converts it to TransparentVAE.safetensors before anything loads it.
-        WeightFile("TransparentVAE.pth", FLUX, "Flux VAE, transparent encoder and decoder (pickle)",
-                   FLUX_REPO + "TransparentVAE.pth"),
-        WeightFile("layerlora.safetensors", FLUX, "transparent generation LoRA for FLUX.1-dev",
-                   FLUX_REPO + "layerlora.safetensors"),
+        WeightFile("TransparentVAE.pth", FLUX, "Flux VAE, transparent encoder and decoder (pickle)", FLUX_REPO),
+        WeightFile("layerlora.safetensors", FLUX, "transparent generation LoRA for FLUX.1-dev", FLUX_REPO),
     )
 }
 

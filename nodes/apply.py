@@ -67,8 +67,16 @@ def _mode(modes: Sequence[Mode], config: str, model: io.Model.Type, node: type[i
     return mode
 
 
+def _files_by_config(modes: Sequence[Mode]) -> dict:
+    return {mode.config: mode.weight_file for mode in modes}
+
+
 def _weight_file_problem(modes: Sequence[Mode], config: str | None) -> bool | str:
-    return model_store.chosen_file_problem("config", config, {mode.config: mode.weight_file for mode in modes})
+    return model_store.validate_file_choice("config", config, _files_by_config(modes))
+
+
+def _weight_file_fingerprint(modes: Sequence[Mode], config: str | None) -> tuple:
+    return model_store.chosen_file_fingerprint(config, _files_by_config(modes))
 
 
 class LayeredDiffusionApply(io.ComfyNode):
@@ -88,6 +96,10 @@ class LayeredDiffusionApply(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, config: str | None = None) -> bool | str:
         return _weight_file_problem(APPLY_MODES, config)
+
+    @classmethod
+    def fingerprint_inputs(cls, config: str | None = None, **_) -> tuple:
+        return _weight_file_fingerprint(APPLY_MODES, config)
 
     @classmethod
     def execute(cls, model: io.Model.Type, config: str, weight: float, stop_at: float = 1.0) -> io.NodeOutput:
@@ -123,6 +135,10 @@ class LayeredDiffusionJointApply(io.ComfyNode):
         return _weight_file_problem(JOINT_MODES, config)
 
     @classmethod
+    def fingerprint_inputs(cls, config: str | None = None, **_) -> tuple:
+        return _weight_file_fingerprint(JOINT_MODES, config)
+
+    @classmethod
     def execute(cls, model: io.Model.Type, config: str, fg_cond: io.Conditioning.Type = None,
                 bg_cond: io.Conditioning.Type = None, blended_cond: io.Conditioning.Type = None,
                 stop_at: float = 1.0) -> io.NodeOutput:
@@ -154,6 +170,10 @@ class LayeredDiffusionCondApply(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, config: str | None = None) -> bool | str:
         return _weight_file_problem(COND_MODES, config)
+
+    @classmethod
+    def fingerprint_inputs(cls, config: str | None = None, **_) -> tuple:
+        return _weight_file_fingerprint(COND_MODES, config)
 
     @classmethod
     def execute(cls, model: io.Model.Type, cond: io.Conditioning.Type, uncond: io.Conditioning.Type,
@@ -188,6 +208,10 @@ class LayeredDiffusionCondJointApply(io.ComfyNode):
         return _weight_file_problem(COND_JOINT_MODES, config)
 
     @classmethod
+    def fingerprint_inputs(cls, config: str | None = None, **_) -> tuple:
+        return _weight_file_fingerprint(COND_JOINT_MODES, config)
+
+    @classmethod
     def execute(cls, model: io.Model.Type, image: io.Image.Type, config: str, cond: io.Conditioning.Type = None,
                 blended_cond: io.Conditioning.Type = None, stop_at: float = 1.0) -> io.NodeOutput:
         mode = _mode(COND_JOINT_MODES, config, model, cls)
@@ -220,6 +244,10 @@ class LayeredDiffusionDiffApply(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, config: str | None = None) -> bool | str:
         return _weight_file_problem(DIFF_MODES, config)
+
+    @classmethod
+    def fingerprint_inputs(cls, config: str | None = None, **_) -> tuple:
+        return _weight_file_fingerprint(DIFF_MODES, config)
 
     @classmethod
     def execute(cls, model: io.Model.Type, cond: io.Conditioning.Type, uncond: io.Conditioning.Type,

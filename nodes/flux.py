@@ -71,7 +71,7 @@ class LayeredDiffusionFluxApply(io.ComfyNode):
     @classmethod
     def execute(cls, model: io.Model.Type, strength: float) -> io.NodeOutput:
         require_family(model, FLUX, "Layer Diffuse Flux Apply")
-        path = model_store.weight_path(WEIGHT_FILES[LORA_NAME])
+        path = model_store.ensure_weight_file(WEIGHT_FILES[LORA_NAME])
         return io.NodeOutput(apply_lora(model, read_safetensors(path), strength, LORA_NAME))
 
 

@@ -33,7 +33,7 @@ def ensure_flux_transparent_vae() -> str:
     path = folder_paths.get_full_path(model_store.FOLDER, flux_vae.SAFETENSORS_NAME)
     if path is not None:
         return path
-    pth = model_store.weight_path(WEIGHT_FILES[flux_vae.PTH_NAME])
+    pth = model_store.ensure_weight_file(WEIGHT_FILES[flux_vae.PTH_NAME])
     target = os.path.join(os.path.dirname(pth), flux_vae.SAFETENSORS_NAME)
     logging.info("LayerDiffuse: converting %s to %s (tensors only, no code is unpickled)", pth, target)
     flux_vae.convert_pth(pth, target)

@@ -55,7 +55,7 @@ def apply_attention_sharing(model: ModelPatcher, mode: Mode, strength: float = 1
     [B,H,W,3]: the given layer of the modes that take one."""
     if mode.control and control_image is None:
         raise ModelError(f"'{mode.config}' needs the image of the given layer")
-    path = model_store.weight_path(mode.weight_file)
+    path = model_store.ensure_weight_file(mode.weight_file)
     work = model.clone()
     keys = [UNET_PREFIX + name for name in sharing.SD15_ATTENTION_MODULES]
     originals = []

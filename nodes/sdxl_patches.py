@@ -34,7 +34,7 @@ Conditioning = list  # ComfyUI's CONDITIONING: [[tensor, options], ...]
 
 def load_patches(model: ModelPatcher, mode: Mode) -> list[patch_files.WeightPatch]:
     """The mode's patch file, parsed and checked against the model's weights."""
-    path = model_store.weight_path(mode.weight_file)
+    path = model_store.ensure_weight_file(mode.weight_file)
     patches = patch_files.parse_patch_file(read_safetensors(path), mode.file)
     patch_files.check_against_model(patches, declared_shapes(model), mode.file)
     return patches

@@ -54,7 +54,7 @@ def decode_rgba(samples: dict, images: torch.Tensor, sd_version: str, sub_batch_
     latent = samples["samples"]
     pixel = images[..., :3].movedim(-1, 1)
     check_decode_inputs(pixel, latent, SD_LATENT_CHANNELS)
-    path = model_store.weight_path(TRANSPARENT_DECODERS[sd_version])
+    path = model_store.ensure_weight_file(TRANSPARENT_DECODERS[sd_version])
     patcher = model_store.network(path, UNet1024, decoder_weights_dtype(precision))
     alpha_rgb = run_transparent_decoder(patcher, pixel, latent, sub_batch_size, passes)
     return torch.cat([alpha_rgb[:, 1:], alpha_rgb[:, :1]], dim=1).movedim(1, -1)
@@ -82,7 +82,11 @@ class LayeredDiffusionDecode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
-        return model_store.chosen_file_problem("sd_version", sd_version, TRANSPARENT_DECODERS)
+        return model_store.validate_file_choice("sd_version", sd_version, TRANSPARENT_DECODERS)
+
+    @classmethod
+    def fingerprint_inputs(cls, sd_version: str | None = None, **_) -> tuple:
+        return model_store.chosen_file_fingerprint(sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, sd_version: str, sub_batch_size: int,
@@ -106,7 +110,11 @@ class LayeredDiffusionDecodeRGBA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
-        return model_store.chosen_file_problem("sd_version", sd_version, TRANSPARENT_DECODERS)
+        return model_store.validate_file_choice("sd_version", sd_version, TRANSPARENT_DECODERS)
+
+    @classmethod
+    def fingerprint_inputs(cls, sd_version: str | None = None, **_) -> tuple:
+        return model_store.chosen_file_fingerprint(sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, sd_version: str, sub_batch_size: int,
@@ -142,7 +150,11 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
-        return model_store.chosen_file_problem("sd_version", sd_version, TRANSPARENT_DECODERS)
+        return model_store.validate_file_choice("sd_version", sd_version, TRANSPARENT_DECODERS)
+
+    @classmethod
+    def fingerprint_inputs(cls, sd_version: str | None = None, **_) -> tuple:
+        return model_store.chosen_file_fingerprint(sd_version, TRANSPARENT_DECODERS)
 
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, frames: int, sd_version: str,
@@ -178,7 +190,11 @@ class LayeredDiffusionEncode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sd_version: str | None = None) -> bool | str:
-        return model_store.chosen_file_problem("sd_version", sd_version, TRANSPARENT_ENCODERS)
+        return model_store.validate_file_choice("sd_version", sd_version, TRANSPARENT_ENCODERS)
+
+    @classmethod
+    def fingerprint_inputs(cls, sd_version: str | None = None, **_) -> tuple:
+        return model_store.chosen_file_fingerprint(sd_version, TRANSPARENT_ENCODERS)
 
     @classmethod
     def execute(cls, vae: io.Vae.Type, image: io.Image.Type, sd_version: str,
@@ -186,7 +202,7 @@ class LayeredDiffusionEncode(io.ComfyNode):
         if vae.latent_channels != SD_LATENT_CHANNELS:
             raise ModelError(f"Layer Diffuse Encode: this VAE makes {vae.latent_channels}-channel latents; "
                              f"the {sd_version} transparent encoder is for the 4-channel SD1.5/SDXL VAE")
-        encoder = model_store.network(model_store.weight_path(TRANSPARENT_ENCODERS[sd_version]),
+        encoder = model_store.network(model_store.ensure_weight_file(TRANSPARENT_ENCODERS[sd_version]),
                                       LatentTransparencyOffsetEncoder)
         latent = encode_transparent(vae, image, mask, encoder, transparency_offset, rgba.REFERENCE_GREY,
                                     "Layer Diffuse Encode")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from support import fake_hub
 from support.images import rgba_disc
 from support.pack import pack_module, run_node
 from support.synth import synthetic_file
@@ -208,34 +209,29 @@ def test_progress_bar_advances_over_the_decode_passes(pack, layer_model_dir, mon
 
 
 def test_missing_weight_file_is_downloaded_into_layer_model(pack, tmp_path, monkeypatch):
-    """The glue's download path end to end, from a file server on 127.0.0.1."""
-    import functools
-    import http.server
-    import threading
-
+    """The glue's download path end to end, from a fake Hub on 127.0.0.1 (support.fake_hub), with
+    the bytes reported to ComfyUI's progress bar."""
     import comfy.utils
     import folder_paths
+    import huggingface_hub.constants
 
-    source = synthetic_file("vae_transparent_encoder")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(source.parent))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     folder = tmp_path / "layer_model"
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model", ([str(folder)], {".safetensors"}))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     updates = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: updates.append((value, total)))
     weight_files = pack_module("lib_layerdiffuse.weight_files")
-    local = weight_files.WeightFile(source.name, "SDXL", "transparent encoder",
-                                    f"http://127.0.0.1:{httpd.server_address[1]}/{source.name}")
-    try:
-        path = pack_module("nodes.model_store").weight_path(local)
-    finally:
-        httpd.shutdown()
-    assert path == str(folder / source.name) and open(path, "rb").read() == source.read_bytes()
-    assert updates[-1] == (source.stat().st_size, source.stat().st_size)
-    assert sorted(p.name for p in folder.iterdir()) == [source.name]
+    published = weight_files.WeightFile("ok.safetensors", "SDXL", "transparent encoder", fake_hub.REPO)
+    with fake_hub.serving() as hub:
+        # huggingface_hub reads HF_ENDPOINT when imported: point this process's copy at the fake Hub.
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        path = pack_module("nodes.model_store").ensure_weight_file(published)
+    assert path == str(folder / "ok.safetensors") and open(path, "rb").read() == fake_hub.PAYLOAD
+    assert updates[-1] == (len(fake_hub.PAYLOAD), len(fake_hub.PAYLOAD))
+    assert sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) == ["ok.safetensors"]
 
 
 def test_encode_is_posterior_mean_plus_std_times_offset(pack, layer_model_dir, sd15_vae):
@@ -255,7 +251,7 @@ def test_encode_is_posterior_mean_plus_std_times_offset(pack, layer_model_dir, s
     mean, std = pipeline.vae_posterior(sd15_vae, grey + (rgb - grey) * alpha)
     torch.testing.assert_close(mean, sd15_vae.encode(grey + (image[..., :3] - grey) * image[..., 3:]), atol=1e-4, rtol=1e-4)
     store = pack_module("nodes.model_store")
-    encoder_file = store.weight_path(pack_module("lib_layerdiffuse.weight_files").TRANSPARENT_ENCODERS["SD15"])
+    encoder_file = store.ensure_weight_file(pack_module("lib_layerdiffuse.weight_files").TRANSPARENT_ENCODERS["SD15"])
     encoder = store.network(encoder_file, lib.LatentTransparencyOffsetEncoder).model
     offset = lib.transparency_offset(encoder, rgb, alpha)
     assert offset.abs().max() > 0

@@ -67,7 +67,8 @@ def test_ui_workflow_conventions(name):
         assert model["name"].endswith(".safetensors"), "ComfyUI's download dialog only takes .safetensors"
         assert model["name"] in text, f"the notes should name {model['name']}"
     for model in layer_files:
-        assert model["url"] == WEIGHT_FILES[model["name"]].url == OFFICIAL_REPO + model["name"]
+        official = f"https://huggingface.co/{OFFICIAL_REPO}/resolve/main/{model['name']}"
+        assert model["url"] == WEIGHT_FILES[model["name"]].url == official
     by_node = [m for n in graph["nodes"] for m in n.get("properties", {}).get("models", [])]
     assert by_node and all(m in models for m in by_node)
     checkpoint = next(n for n in graph["nodes"] if n["type"] == "CheckpointLoaderSimple")
