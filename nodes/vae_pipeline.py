@@ -43,7 +43,6 @@ DECODE_BYTES_PER_PIXEL = 2400
 SIZE_MULTIPLE = 8
 
 
-
 def sub_batch_input() -> io.Int.Input:
     return io.Int.Input(
         "sub_batch_size", default=16, min=1, max=4096, step=1,
