@@ -38,6 +38,7 @@ sys.path.insert(0, ROOT)
 from lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder  # noqa: E402
 from lib_layerdiffuse.transparent_vae import decode_transparent  # noqa: E402
 from lib_layerdiffuse.unet1024 import UNet1024  # noqa: E402
+from lib_layerdiffuse.vae_family import SD  # noqa: E402
 from lib_layerdiffuse.weight_files import build_model  # noqa: E402
 
 
@@ -235,7 +236,7 @@ def measure(args) -> dict:
         model = build_model(factory, sd, "benchmark", device=device, dtype=dtype)
         del sd  # the model holds its own (re-laid-out) copy
         if args.network == "decoder":
-            run = lambda: decode_transparent(model, pixel.to(device), latent.to(device), args.batch,  # noqa: E731
+            run = lambda: decode_transparent(SD, model, pixel.to(device), latent.to(device), args.batch,  # noqa: E731
                                              passes=args.passes)
         else:
             run = lambda: model(feed.to(device, dtype).contiguous(memory_format=torch.channels_last))  # noqa: E731

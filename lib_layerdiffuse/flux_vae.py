@@ -4,12 +4,9 @@
 in diffusers naming), `encoder.*` (the latent-offset encoder, 16 latent channels) and `decoder.*`
 (the transparent decoder, 16 latent channels). This module converts that pickle once into
 `TransparentVAE.safetensors` (unpickling tensors only, then checking every key and shape), splits
-it into its groups, and holds the two places where Flux differs from SD1.5/SDXL:
-
-- channel order: the Flux networks see and predict R,G,B,A (alpha last; the SD files put it first);
-- the offset encoder's output is multiplied by 300 before it moves the posterior mean.
-
-Decoding itself is `transparent_vae.decode_transparent`, shared with SD1.5/SDXL.
+it into its groups, and builds the two networks with 16 latent channels. How the Flux networks differ
+from the SD1.5/SDXL ones otherwise (channel order, offset scale, grey) is `vae_family.FLUX`;
+decoding and encoding are shared with SD1.5/SDXL in `transparent_vae`.
 """
 from __future__ import annotations
 
@@ -25,30 +22,20 @@ from torch import nn
 
 from .atomic_write import atomic_write
 from .offset_encoder import LatentTransparencyOffsetEncoder
-from .rgba import pad_rgb
-from .transparent_vae import transparency_offset as shared_transparency_offset
 from .unet1024 import UNet1024
 from .errors import WeightFileError
 from .weight_files import layout_differences
 
+# Both networks take the raw Flux latent (LATENT["samples"]), not the sampler's normalised one.
 LATENT_CHANNELS = 16
-# The Flux VAE's latent normalisation (ComfyUI's latent_formats.Flux): the sampler works on
-# (z - SHIFT_FACTOR) * SCALING_FACTOR, while LATENT["samples"] and both networks use the raw z.
-SCALING_FACTOR = 0.3611
-SHIFT_FACTOR = 0.1159
-# The port's TransparentVAE.alpha: how many posterior standard deviations one unit of the
-# offset encoder's output is worth.
-OFFSET_SCALE = 300.0
-# The port VAE-encodes a transparent image composited over exactly 50% grey.
-FLATTEN_GREY = 0.5
 
 PTH_NAME = "TransparentVAE.pth"
 SAFETENSORS_NAME = "TransparentVAE.safetensors"
 
+# The file's groups: the prefixes of their tensors' names.
 SD_VAE = "sd_vae"
-ENCODER = "encoder"
-DECODER = "decoder"
-GROUPS = (SD_VAE, ENCODER, DECODER)
+ENCODER_GROUP = "encoder"
+DECODER_GROUP = "decoder"
 
 # Diffusers AutoencoderKL with the FLUX.1 configuration (no quant convs).
 _VAE_CHANNELS = (128, 256, 512, 512)
@@ -61,7 +48,7 @@ def decoder(operations=nn) -> UNet1024:
 
 
 def encoder(operations=nn) -> LatentTransparencyOffsetEncoder:
-    """The latent-offset encoder of the Flux file (feed: padded R,G,B then alpha)."""
+    """The latent-offset encoder of the Flux file."""
     return LatentTransparencyOffsetEncoder(latent_channels=LATENT_CHANNELS, operations=operations)
 
 
@@ -120,7 +107,7 @@ def flux_vae_layout() -> dict[str, tuple[int, ...]]:
 def file_layout() -> dict[str, tuple[int, ...]]:
     """Key -> shape of the whole TransparentVAE file, all three groups."""
     layout = {f"{SD_VAE}.{k}": shape for k, shape in flux_vae_layout().items()}
-    for group, factory in ((ENCODER, encoder), (DECODER, decoder)):
+    for group, factory in ((ENCODER_GROUP, encoder), (DECODER_GROUP, decoder)):
         with torch.device("meta"):
             module = factory()
         layout.update({f"{group}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
@@ -139,14 +126,6 @@ def check_layout(state_dict: Mapping[str, torch.Tensor], file_name: str,
             + "; ".join(problems)
             + f". Use {PTH_NAME} from https://huggingface.co/RedAIGC/Flux-version-LayerDiffuse"
         )
-
-
-def group(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """The tensors of one group (`sd_vae`, `encoder` or `decoder`), prefix removed."""
-    if name not in GROUPS:
-        raise KeyError(f"unknown group {name!r}; the file has {', '.join(GROUPS)}")
-    prefix = name + "."
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def read_pth(path: str) -> dict[str, torch.Tensor]:
@@ -186,17 +165,6 @@ def convert_pth(pth_path: str, safetensors_path: str) -> str:
         # clone: tensors from one pickle may share storage, which safetensors refuses.
         save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, partial)
     return safetensors_path
-
-
-def offset_encoder_feed(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The Flux offset encoder's input: (padded R, G, B, alpha) as [B,4,H,W]."""
-    return torch.cat([pad_rgb(rgb, alpha), alpha.float()], dim=1)
-
-
-def transparency_offset(encoder: LatentTransparencyOffsetEncoder, rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The latent offset, already x300: rgb [B,3,H,W], alpha [B,1,H,W] in [0,1], H and W
-    multiples of 8 -> [B,16,H/8,W/8] float32 on rgb's device (computed on the encoder's)."""
-    return shared_transparency_offset(encoder, rgb, alpha, offset_encoder_feed, OFFSET_SCALE)
 
 
 def main(argv: list[str]) -> int:

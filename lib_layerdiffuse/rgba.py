@@ -3,8 +3,8 @@
 - `pad_rgb`: the colour the offset encoder expects under transparent pixels, filled in from an
   alpha-weighted image pyramid (the reference's `pad_rgb`, which uses OpenCV's INTER_AREA and
   INTER_LINEAR resizes; both are reproduced here in torch).
-- `flatten_on_grey`: the RGB image the VAE encodes for an RGBA input (SD1.5/SDXL: over the
-  reference's 8-bit grey, `REFERENCE_GREY`).
+- `split_image`: colour and alpha of an image with 1 to 4 channels, checked.
+- `flatten_on_grey`: the RGB image the VAE encodes for an RGBA input (the grey is the family's).
 - `checkerboard_preview`: RGBA shown over a checkerboard, for preview nodes.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+from .finite import IMAGE_CURE, require_finite
+
 PYRAMID_STEP = 1.2
-# The grey the SD1.5/SDXL reference composites a transparent image over before VAE-encoding it:
-# 8-bit (127, 127, 127), not exactly 50%.
-REFERENCE_GREY = 127 / 255
 
 
 def _area_taps(src: int, dst: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +92,28 @@ def pad_rgb(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return fill
 
 
-def offset_encoder_feed(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The SD1.5/SDXL offset encoder's input: (alpha, padded R, G, B) as [B,4,H,W]."""
-    return torch.cat([alpha.float(), pad_rgb(rgb, alpha)], dim=1)
+def split_image(image: torch.Tensor, node: str, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Colour [B,3,H,W] and alpha [B,1,H,W] (None without one) of an image [B,H,W,C] whose C
+    channels are grey, grey + alpha, RGB or RGBA (1 to 4, as PIL's L, LA, RGB, RGBA), as float32.
+    Empty and non-finite images are refused. Alpha is clamped to [0,1]: it is a coverage, and
+    resampling (lanczos, bicubic) overshoots it a little in ordinary workflows."""
+    if image.dim() != 4 or not 1 <= image.shape[-1] <= 4:
+        raise InputError(f"{node}: {what} has shape {list(image.shape)}; connect an IMAGE [B,H,W,C] of grey, "
+                         "grey + alpha, RGB or RGBA pixels (C = 1 to 4)")
+    if 0 in image.shape:
+        raise InputError(f"{node}: {what} is empty (shape {list(image.shape)}); connect at least one image of at "
+                         "least 1x1 pixels")
+    require_finite(image, node, what, IMAGE_CURE)
+    channels = image.shape[-1]
+    colour = image[..., : 3 if channels >= 3 else 1].movedim(-1, 1).float()
+    if colour.shape[1] == 1:
+        colour = colour.repeat(1, 3, 1, 1)
+    if channels in (2, 4):
+        return colour, image[..., -1].unsqueeze(1).float().clamp(0, 1)
+    return colour, None
 
 
-def flatten_on_grey(rgb: torch.Tensor, alpha: torch.Tensor, grey: float = REFERENCE_GREY) -> torch.Tensor:
+def flatten_on_grey(rgb: torch.Tensor, alpha: torch.Tensor, grey: float) -> torch.Tensor:
     """The RGBA image composited over a flat `grey`: what the VAE sees of a transparent image."""
     return grey + (rgb - grey) * alpha
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..lib_layerdiffuse import flux_vae
-from ..lib_layerdiffuse.errors import InputError
+from ..lib_layerdiffuse import flux_vae, vae_family
 from ..lib_layerdiffuse.weight_files import FLUX, WEIGHT_FILES, read_safetensors
 from . import model_store
 from .flux_weights import (
@@ -27,14 +26,7 @@ from .host_compat import schema
 from .modes import require_family
 from .naming import FLUX_CATEGORY, SEARCH_ALIASES
 from .rgba_io import alpha_output, rgba_image_inputs
-from .vae_pipeline import (
-    decode_unclamped,
-    decoder_weights_dtype,
-    encode_transparent,
-    run_transparent_decoder,
-    speed_inputs,
-    sub_batch_input,
-)
+from .vae_pipeline import decode_rgba, decode_unclamped, encode_transparent, speed_inputs, sub_batch_input
 
 STRENGTH = io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                           tooltip="LoRA strength; 1.0 is what the port uses.")
@@ -129,14 +121,10 @@ class LayeredDiffusionFluxDecode(io.ComfyNode):
                 precision: str = "auto") -> io.NodeOutput:
         node = "Layer Diffuse Flux Decode"
         require_flux_vae(vae, node)
-        latent = samples["samples"]
-        if latent.dim() != 4 or latent.shape[1] != flux_vae.LATENT_CHANNELS:
-            raise InputError(f"{node}: expected a Flux latent [B,16,h,w], got shape {list(latent.shape)}; connect "
-                             "the KSampler output of a Flux model")
-        pixel = decode_unclamped(vae, latent)
-        decoder = transparent_vae_network(flux_vae.DECODER, flux_vae.decoder, decoder_weights_dtype(precision))
-        # The Flux files predict R,G,B,A: already the IMAGE channel order.
-        image = run_transparent_decoder(decoder, pixel, latent, sub_batch_size, passes).movedim(1, -1)
+        family = vae_family.FLUX
+        image = decode_rgba(family, node, samples["samples"], lambda latent: decode_unclamped(vae, latent),
+                            lambda dtype: transparent_vae_network(flux_vae.DECODER_GROUP, family.decoder, dtype),
+                            sub_batch_size, passes, precision)
         return io.NodeOutput(image, image[..., 3])
 
 
@@ -161,9 +149,8 @@ class LayeredDiffusionFluxEncode(io.ComfyNode):
     def execute(cls, vae: io.Vae.Type, image: io.Image.Type, mask: io.Mask.Type = None) -> io.NodeOutput:
         node = "Layer Diffuse Flux Encode"
         require_flux_vae(vae, node)
-        encoder = transparent_vae_network(flux_vae.ENCODER, flux_vae.encoder)
-        latent = encode_transparent(vae, image, mask, encoder, flux_vae.transparency_offset, flux_vae.FLATTEN_GREY, node)
-        return io.NodeOutput({"samples": latent})
+        encoder = transparent_vae_network(flux_vae.ENCODER_GROUP, vae_family.FLUX.encoder)
+        return io.NodeOutput({"samples": encode_transparent(vae_family.FLUX, node, vae, image, mask, encoder)})
 
 
 FLUX_NODES = [

@@ -12,6 +12,8 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..lib_layerdiffuse.errors import InputError
+from ..lib_layerdiffuse.finite import IMAGE_CURE, require_finite
+from ..lib_layerdiffuse.rgba import split_image
 
 
 def rgba_image_inputs() -> list[io.Input]:
@@ -24,24 +26,31 @@ def rgba_image_inputs() -> list[io.Input]:
     ]
 
 
-def alpha_for(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> torch.Tensor:
-    """[B,1,H,W] alpha (1 = opaque) of an IMAGE: 1 - mask, else the image's 4th channel, else opaque.
-    A mask of another size is resized to the image's; one mask serves the whole batch."""
-    b, h, w = image.shape[:3]
-    if mask is None:
-        alpha = image[..., 3] if image.shape[-1] == 4 else torch.ones(b, h, w, device=image.device)
-        return alpha.unsqueeze(1).float()
+def _mask_alpha(mask: torch.Tensor, batch: int, height: int, width: int, node: str, what: str) -> torch.Tensor:
+    """[B,1,H,W] alpha (1 = opaque) of a LoadImage-style mask. A mask of another size is resized
+    to the image's; one mask serves the whole batch."""
+    if mask.dim() < 2 or 0 in mask.shape:
+        raise InputError(f"{node}: {what} has shape {list(mask.shape)}; connect a MASK [B,H,W] such as LoadImage's")
+    require_finite(mask, node, what, IMAGE_CURE)
     mask = mask.reshape((-1,) + tuple(mask.shape[-2:])).float().unsqueeze(1)
-    if mask.shape[0] not in (1, b):
-        raise InputError(f"{node}: {mask.shape[0]} masks for {b} images; connect one mask per image or a single mask")
-    if mask.shape[-2:] != (h, w):
-        mask = comfy.utils.common_upscale(mask, w, h, "bilinear", "disabled")
-    return (1.0 - mask).expand(b, 1, h, w).clamp(0, 1).to(image.device)
+    if mask.shape[0] not in (1, batch):
+        raise InputError(f"{node}: {mask.shape[0]} masks for {batch} images; connect one mask per image or a single mask")
+    if mask.shape[-2:] != (height, width):
+        mask = comfy.utils.common_upscale(mask, width, height, "bilinear", "disabled")
+    return (1.0 - mask).expand(batch, 1, height, width).clamp(0, 1)
 
 
-def split_rgba(image: torch.Tensor, mask: torch.Tensor | None, node: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(colour [B,3,H,W], alpha [B,1,H,W]) of an IMAGE and its optional mask, as float32."""
-    return image[..., :3].movedim(-1, 1).float(), alpha_for(image, mask, node)
+def split_rgba(image: torch.Tensor, mask: torch.Tensor | None, node: str,
+               what: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+    """(colour [B,3,H,W], alpha [B,1,H,W]) of an IMAGE and its optional mask, as float32, checked:
+    alpha is 1 - mask, else the image's own alpha channel, else opaque. `what` names the input
+    in errors."""
+    rgb, alpha = split_image(image, node, what)
+    if mask is not None:
+        alpha = _mask_alpha(mask, rgb.shape[0], rgb.shape[-2], rgb.shape[-1], node, f"the mask of {what}")
+    elif alpha is None:
+        alpha = torch.ones(rgb.shape[0], 1, rgb.shape[-2], rgb.shape[-1], device=image.device)
+    return rgb, alpha.to(image.device)
 
 
 def join_rgba(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

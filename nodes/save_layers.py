@@ -61,7 +61,7 @@ def _rgba_inputs(foreground: torch.Tensor, foreground_mask: torch.Tensor | None,
         if image.shape[0] not in (1, batch):
             raise InputError(f"{NODE}: {name} has {image.shape[0]} images, another input {batch}; connect "
                              "batches of the same size (or a single image to use for all)")
-        rgb, alpha = split_rgba(image, mask, NODE)
+        rgb, alpha = split_rgba(image, mask, NODE, name)
         layers.append((name, torch.cat([rgb, alpha], dim=1).expand(batch, -1, -1, -1), visible))
     return layers
 

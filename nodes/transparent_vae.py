@@ -13,23 +13,14 @@ from comfy_api.latest import io
 
 from ..lib_layerdiffuse import rgba
 from ..lib_layerdiffuse.errors import InputError, ModelError
-from ..lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder
-from ..lib_layerdiffuse.transparent_vae import check_decode_inputs, transparency_offset
-from ..lib_layerdiffuse.unet1024 import UNet1024
+from ..lib_layerdiffuse.vae_family import SD
 from ..lib_layerdiffuse.weight_files import SD15, SDXL, TRANSPARENT_DECODERS, TRANSPARENT_ENCODERS
 from . import model_store
 from .host_compat import schema
 from .naming import CATEGORY, SEARCH_ALIASES
 from .rgba_io import alpha_output, rgba_image_inputs
-from .vae_pipeline import (
-    decoder_weights_dtype,
-    encode_transparent,
-    run_transparent_decoder,
-    speed_inputs,
-    sub_batch_input,
-)
+from .vae_pipeline import decode_rgba, encode_transparent, speed_inputs, sub_batch_input
 
-SD_LATENT_CHANNELS = 4
 MAX_FRAMES = 3
 
 
@@ -48,16 +39,15 @@ def _images_input() -> io.Image.Input:
     return io.Image.Input("images", tooltip="VAE Decode's output for the same latents.")
 
 
-def decode_rgba(samples: dict, images: torch.Tensor, sd_version: str, sub_batch_size: int,
-                passes: str = "8", precision: str = "auto") -> torch.Tensor:
+def decode_sd_rgba(node: str, latent: torch.Tensor, images: torch.Tensor, sd_version: str, sub_batch_size: int,
+                   passes: str = "8", precision: str = "auto") -> torch.Tensor:
     """[B,H,W,4] RGBA (alpha last, 1 = opaque) for ComfyUI latents and their decoded images."""
-    latent = samples["samples"]
-    pixel = images[..., :3].movedim(-1, 1)
-    check_decode_inputs(pixel, latent, SD_LATENT_CHANNELS)
-    path = model_store.ensure_weight_file(TRANSPARENT_DECODERS[sd_version])
-    patcher = model_store.network(path, UNet1024, decoder_weights_dtype(precision))
-    alpha_rgb = run_transparent_decoder(patcher, pixel, latent, sub_batch_size, passes)
-    return torch.cat([alpha_rgb[:, 1:], alpha_rgb[:, :1]], dim=1).movedim(1, -1)
+    def load_decoder(dtype: torch.dtype | None):
+        path = model_store.ensure_weight_file(TRANSPARENT_DECODERS[sd_version])
+        return model_store.network(path, SD.decoder, dtype)
+
+    return decode_rgba(SD, node, latent, lambda _: images.movedim(-1, 1), load_decoder, sub_batch_size, passes,
+                       precision)
 
 
 def _decode_inputs() -> list[io.Input]:
@@ -91,7 +81,8 @@ class LayeredDiffusionDecode(io.ComfyNode):
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, sd_version: str, sub_batch_size: int,
                 passes: str = "8", precision: str = "auto") -> io.NodeOutput:
-        image = decode_rgba(samples, images, sd_version, sub_batch_size, passes, precision)
+        image = decode_sd_rgba("Layer Diffuse Decode", samples["samples"], images, sd_version, sub_batch_size, passes,
+                               precision)
         return io.NodeOutput(image[..., :3], image[..., 3])
 
 
@@ -119,7 +110,8 @@ class LayeredDiffusionDecodeRGBA(io.ComfyNode):
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, sd_version: str, sub_batch_size: int,
                 passes: str = "8", precision: str = "auto") -> io.NodeOutput:
-        return io.NodeOutput(decode_rgba(samples, images, sd_version, sub_batch_size, passes, precision))
+        return io.NodeOutput(decode_sd_rgba("Layer Diffuse Decode (RGBA)", samples["samples"], images, sd_version,
+                                            sub_batch_size, passes, precision))
 
 
 class LayeredDiffusionDecodeSplit(io.ComfyNode):
@@ -159,13 +151,14 @@ class LayeredDiffusionDecodeSplit(io.ComfyNode):
     @classmethod
     def execute(cls, samples: io.Latent.Type, images: io.Image.Type, frames: int, sd_version: str,
                 sub_batch_size: int, passes: str = "8", precision: str = "auto") -> io.NodeOutput:
+        node = "Layer Diffuse Decode (Split)"
         if images.shape[0] % frames:
             raise InputError(
-                f"Layer Diffuse Decode (Split): the batch has {images.shape[0]} images, not a multiple of frames={frames}; "
+                f"{node}: the batch has {images.shape[0]} images, not a multiple of frames={frames}; "
                 "set frames to the number of layers the model generated per image"
             )
-        first = decode_rgba({**samples, "samples": samples["samples"][::frames]}, images[::frames], sd_version,
-                            sub_batch_size, passes, precision)
+        first = decode_sd_rgba(node, samples["samples"][::frames], images[::frames], sd_version, sub_batch_size,
+                               passes, precision)
         layers = [first] + [images[i::frames] for i in range(1, frames)]
         return io.NodeOutput(*layers, *([None] * (MAX_FRAMES - frames)))
 
@@ -199,14 +192,13 @@ class LayeredDiffusionEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae: io.Vae.Type, image: io.Image.Type, sd_version: str,
                 mask: io.Mask.Type = None) -> io.NodeOutput:
-        if vae.latent_channels != SD_LATENT_CHANNELS:
-            raise ModelError(f"Layer Diffuse Encode: this VAE makes {vae.latent_channels}-channel latents; "
+        node = "Layer Diffuse Encode"
+        if vae.latent_channels != SD.latent_channels:
+            raise ModelError(f"{node}: this VAE makes {vae.latent_channels}-channel latents; "
                              f"the {sd_version} transparent encoder is for the 4-channel SD1.5/SDXL VAE")
-        encoder = model_store.network(model_store.ensure_weight_file(TRANSPARENT_ENCODERS[sd_version]),
-                                      LatentTransparencyOffsetEncoder)
-        latent = encode_transparent(vae, image, mask, encoder, transparency_offset, rgba.REFERENCE_GREY,
-                                    "Layer Diffuse Encode")
-        return io.NodeOutput({"samples": latent})
+        path = model_store.ensure_weight_file(TRANSPARENT_ENCODERS[sd_version])
+        encoder = model_store.network(path, SD.encoder)
+        return io.NodeOutput({"samples": encode_transparent(SD, node, vae, image, mask, encoder)})
 
 
 class LayeredDiffusionCheckerboard(io.ComfyNode):
@@ -227,10 +219,10 @@ class LayeredDiffusionCheckerboard(io.ComfyNode):
 
     @classmethod
     def execute(cls, image: io.Image.Type, square: int) -> io.NodeOutput:
-        if image.shape[-1] != 4:
-            return io.NodeOutput(image[..., :3])
-        pixels = image.movedim(-1, 1)
-        return io.NodeOutput(rgba.checkerboard_preview(pixels[:, :3], pixels[:, 3:], square).movedim(1, -1))
+        rgb, alpha = rgba.split_image(image, "Layer Diffuse Checkerboard Preview", "image")
+        if alpha is None:
+            return io.NodeOutput(rgb.movedim(1, -1))
+        return io.NodeOutput(rgba.checkerboard_preview(rgb, alpha, square).movedim(1, -1))
 
 
 TRANSPARENT_VAE_NODES = [

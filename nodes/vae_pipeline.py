@@ -1,6 +1,7 @@
-"""What the SD1.5/SDXL and the Flux transparent VAE nodes share: the decoder's speed inputs and its
-run under ComfyUI's memory management, the VAE batching loop, the VAE posterior, and the
-transparent encode pipeline (RGBA image -> latent that carries its alpha).
+"""What the SD1.5/SDXL and the Flux transparent VAE nodes share: the decoder's speed inputs, the
+decode pipeline (latent + its VAE-decoded pixels -> RGBA) with the decoder's run under ComfyUI's
+memory management, the VAE batching loop, the VAE posterior, and the encode pipeline (RGBA image
+-> latent that carries its alpha). The nodes give the family record and where the pixels come from.
 
 Host internals used here: `comfy.model_management` (loading models, free memory, interruption),
 `comfy.utils.ProgressBar`, and a VAE's `first_stage_model` encoder/decoder, whose posterior std
@@ -20,13 +21,17 @@ from comfy_api.latest import io
 
 from ..lib_layerdiffuse import rgba
 from ..lib_layerdiffuse.errors import InputError, ModelError
-from ..lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder
+from ..lib_layerdiffuse.finite import VAE_CURE, require_finite
 from ..lib_layerdiffuse.transparent_vae import (
+    check_latent,
+    check_pixels,
     decode_transparent,
     latent_with_offset,
     posterior_mean_std,
     sub_batches,
+    transparency_offset,
 )
+from ..lib_layerdiffuse.vae_family import TransparentVAEFamily
 from . import model_store
 from .rgba_io import split_rgba
 
@@ -36,8 +41,6 @@ PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16
 # the stacked passes); ComfyUI frees this much before the decode starts.
 DECODE_BYTES_PER_PIXEL = 2400
 SIZE_MULTIPLE = 8
-
-OffsetFunction = Callable[[LatentTransparencyOffsetEncoder, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sub_batch_input() -> io.Int.Input:
@@ -67,16 +70,24 @@ def speed_inputs() -> list[io.Input]:
     ]
 
 
-def decoder_weights_dtype(precision: str) -> torch.dtype | None:
-    """The network's dtype for a `precision` setting; None for auto: ComfyUI's choice for the device."""
-    return PRECISIONS[precision]
+def decode_rgba(family: TransparentVAEFamily, node: str, latent: torch.Tensor,
+                pixels_for: Callable[[torch.Tensor], torch.Tensor],
+                load_decoder: Callable[[torch.dtype | None], ModelPatcher],
+                sub_batch_size: int, passes: str, precision: str) -> torch.Tensor:
+    """RGBA IMAGE [B,H,W,4] (alpha last, 1 = opaque) of a latent batch: its pixels [B,3,H,W] are
+    `pixels_for(latent)`, the decoder is `load_decoder(dtype)` (dtype None: ComfyUI's choice)."""
+    check_latent(family, latent, node)
+    pixel = pixels_for(latent)
+    check_pixels(pixel, latent, node)
+    patcher = load_decoder(PRECISIONS[precision])
+    return run_transparent_decoder(family, patcher, pixel, latent, sub_batch_size, passes).movedim(1, -1)
 
 
-def run_transparent_decoder(patcher: ModelPatcher, pixel: torch.Tensor, latent: torch.Tensor, sub_batch_size: int,
-                            passes: str) -> torch.Tensor:
+def run_transparent_decoder(family: TransparentVAEFamily, patcher: ModelPatcher, pixel: torch.Tensor,
+                            latent: torch.Tensor, sub_batch_size: int, passes: str) -> torch.Tensor:
     """The augmented decode of [B,3,H,W] pixels and their latents with the decoder in `patcher`,
     on ComfyUI's device after making room, with a progress bar and interruption.
-    Returns [B,4,H,W] float32 on the CPU, channels in the weight file's order."""
+    Returns R,G,B,A [B,4,H,W] float32 on the CPU."""
     step = min(sub_batch_size, pixel.shape[0])
     dtype_bytes = torch.finfo(patcher.model.compute_dtype).bits // 8
     working = step * pixel.shape[-2] * pixel.shape[-1] * DECODE_BYTES_PER_PIXEL * dtype_bytes // 4
@@ -87,7 +98,8 @@ def run_transparent_decoder(patcher: ModelPatcher, pixel: torch.Tensor, latent: 
         model_management.throw_exception_if_processing_interrupted()
         bar.update(1)
 
-    return decode_transparent(model, pixel.cpu(), latent.cpu().float(), sub_batch_size, on_pass, PASSES[passes])
+    return decode_transparent(family, model, pixel.cpu(), latent.cpu().float(), sub_batch_size, on_pass,
+                              PASSES[passes])
 
 
 def vae_batches(vae: VAE, inputs: torch.Tensor, memory_per_item: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -134,14 +146,17 @@ def crop_to_multiple_of_8(x: torch.Tensor) -> torch.Tensor:
     return x[..., top : top + h - h % SIZE_MULTIPLE, left : left + w - w % SIZE_MULTIPLE]
 
 
-def encode_transparent(vae: VAE, image: torch.Tensor, mask: torch.Tensor | None, encoder: ModelPatcher,
-                       offset: OffsetFunction, grey: float, node: str) -> torch.Tensor:
+def encode_transparent(family: TransparentVAEFamily, node: str, vae: VAE, image: torch.Tensor,
+                       mask: torch.Tensor | None, encoder: ModelPatcher) -> torch.Tensor:
     """The latent [B,C,H/8,W/8] that carries an RGBA image's alpha: the VAE posterior mean of the
-    image flattened on `grey`, moved by the offset encoder's output in posterior std units."""
+    image flattened on the family's grey, moved by the offset encoder's output in posterior std units."""
     rgb, alpha = (crop_to_multiple_of_8(x) for x in split_rgba(image, mask, node))
     if min(rgb.shape[-2:]) < SIZE_MULTIPLE:
-        raise InputError(f"{node}: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
+        raise InputError(f"{node}: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8: "
+                         "upscale it first (e.g. Layer Diffuse Upscale (RGBA))")
     network = model_store.load_to_device(encoder, rgb.numel() * 64)
-    moved = offset(network, rgb, alpha)
-    mean, std = vae_posterior(vae, rgba.flatten_on_grey(rgb, alpha, grey))
-    return latent_with_offset(mean, std, moved)
+    moved = transparency_offset(family, network, rgb, alpha)
+    mean, std = vae_posterior(vae, rgba.flatten_on_grey(rgb, alpha, family.grey))
+    latent = latent_with_offset(mean, std, moved)
+    require_finite(latent, node, "the encoded latent", VAE_CURE)
+    return latent

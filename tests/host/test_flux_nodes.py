@@ -116,7 +116,9 @@ def test_any_size_round_trips_and_bad_inputs_say_what_to_connect(pack, flux_vae)
     assert rgba.shape == (1, 72, 104, 4) and mask.shape == (1, 72, 104)
     assert rgba.min() >= 0 and rgba.max() <= 1
 
-    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match=r"expected a Flux latent \[B,16,h,w\], got shape \[1, 4, 8, 8\]"):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError,
+                       match="Layer Diffuse Flux Decode: the latent has 4 channels but the Flux transparent decoder "
+                             "takes 16: .*SD1.5/SDXL latents have 4 channels and go to Layer Diffuse Decode"):
         run_node(pack, "LayeredDiffusionFluxDecode", samples={"samples": torch.zeros(1, 4, 8, 8)}, vae=flux_vae,
                  sub_batch_size=1)
 
@@ -144,6 +146,33 @@ def test_decode_passes_and_progress(pack, flux_vae, flux_golden, monkeypatch):
         single = decoder(flux_golden["chain.origin_pixel"], flux_golden["decoder.latent"]).clamp(0, 1)
     for row in image:
         torch.testing.assert_close(row, single[0].movedim(0, -1), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("node_id,inputs,message", [
+    ("LayeredDiffusionFluxDecode", {"samples": {"samples": torch.full((1, 16, 8, 8), float("nan"))}},
+     r"Layer Diffuse Flux Decode: samples holds 1024 NaN and 0 infinite values \(of 1024\); the sampler diverged"),
+    ("LayeredDiffusionFluxDecode", {"samples": {"samples": torch.zeros(0, 16, 8, 8)}},
+     "Layer Diffuse Flux Decode: samples is an empty batch"),
+    ("LayeredDiffusionFluxEncode", {"image": torch.full((1, 64, 64, 4), float("inf"))},
+     r"Layer Diffuse Flux Encode: image holds 0 NaN and 16384 infinite values"),
+    ("LayeredDiffusionFluxEncode", {"image": torch.rand(1, 7, 7, 4)},
+     r"Layer Diffuse Flux Encode: the image is 7x7; it must be at least 8x8"),
+])
+def test_bad_inputs_are_errors_that_name_the_node(pack, flux_vae, node_id, inputs, message):
+    errors = pack_module("lib_layerdiffuse.errors")
+    extra = {"sub_batch_size": 1} if node_id.endswith("Decode") else {}
+    with pytest.raises(errors.LayerDiffuseError, match=message):
+        run_node(pack, node_id, vae=flux_vae, **inputs, **extra)
+
+
+def test_a_vae_that_overflows_is_an_error(pack, flux_vae, monkeypatch):
+    """A Flux VAE whose decode overflows (as one in float16 can) is named with the cure."""
+    first_stage = flux_vae.first_stage_model
+    monkeypatch.setattr(first_stage, "decode", lambda z: torch.full((z.shape[0], 3, 64, 64), float("nan")))
+    with pytest.raises(pack_module("lib_layerdiffuse.finite").NonFiniteError,
+                       match=r"Layer Diffuse Flux Decode: images \(the VAE-decoded latent\) holds 12288 NaN.*--fp32-vae"):
+        run_node(pack, "LayeredDiffusionFluxDecode", samples={"samples": torch.randn(1, 16, 8, 8)}, vae=flux_vae,
+                 sub_batch_size=1)
 
 
 # --- weight files ---------------------------------------------------------------------------------

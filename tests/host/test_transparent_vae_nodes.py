@@ -1,6 +1,7 @@
 """The transparent VAE nodes inside a real ComfyUI process: loading, compatibility, execution."""
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -253,7 +254,7 @@ def test_encode_is_posterior_mean_plus_std_times_offset(pack, layer_model_dir, s
     store = pack_module("nodes.model_store")
     encoder_file = store.ensure_weight_file(pack_module("lib_layerdiffuse.weight_files").TRANSPARENT_ENCODERS["SD15"])
     encoder = store.network(encoder_file, lib.LatentTransparencyOffsetEncoder).model
-    offset = lib.transparency_offset(encoder, rgb, alpha)
+    offset = lib.transparency_offset(pack_module("lib_layerdiffuse.vae_family").SD, encoder, rgb, alpha)
     assert offset.abs().max() > 0
     torch.testing.assert_close(z, mean + std * offset, atol=1e-5, rtol=1e-5)
 
@@ -282,3 +283,135 @@ def test_checkerboard_preview(pack):
     assert preview[0, 0, 0, 0] != preview[0, 0, 16, 0]
     opaque = torch.ones(1, 32, 32, 4)
     assert torch.equal(run_node(pack, "LayeredDiffusionCheckerboard", image=opaque, square=16)[0], opaque[..., :3])
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+
+NAN = float("nan")
+
+
+def _nan_at(shape, count=3):
+    x = torch.rand(shape)
+    x.view(-1)[:count] = NAN
+    return x
+
+
+def _decode(node_id, samples, images, **extra):
+    return dict(samples={"samples": samples}, images=images, sd_version="SD15", sub_batch_size=1,
+                **({"frames": 2} if node_id.endswith("Split") else {}), **extra)
+
+
+@pytest.mark.parametrize("node_id", DECODE_NODES)
+@pytest.mark.parametrize("samples,images,message", [
+    (_nan_at((2, 4, 8, 8)), torch.rand(2, 64, 64, 3),
+     r"samples holds 3 NaN and 0 infinite values \(of \d+\); the sampler diverged"),
+    (torch.randn(2, 4, 8, 8), _nan_at((2, 64, 64, 3)), r"images \(the VAE-decoded latent\) holds 3 NaN.*--fp32-vae"),
+    (torch.randn(0, 4, 8, 8), torch.rand(0, 64, 64, 3), "samples is an empty batch"),
+    (torch.randn(2, 16, 8, 8), torch.rand(2, 64, 64, 3),
+     "the latent has 16 channels but the SD1.5/SDXL transparent decoder takes 4.*Layer Diffuse Flux Decode"),
+    (torch.randn(2, 4, 8, 8), torch.rand(2, 64, 64, 4), "images has 4 channels.*not an RGBA image"),
+    (torch.randn(2, 4, 1, 1), torch.rand(2, 7, 7, 3), "size mismatch: the images are 7x7 but the latent is 1x1"),
+])
+def test_bad_decode_inputs_name_the_node_and_the_cure(pack, layer_model_dir, node_id, samples, images, message):
+    title = node(pack, node_id).define_schema().display_name
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match=f"^{re.escape(title)}: {message}"):
+        run_node(pack, node_id, **_decode(node_id, samples, images))
+
+
+def test_smallest_decode_works(pack, layer_model_dir):
+    (rgba,) = run_node(pack, "LayeredDiffusionDecodeRGBA", **_decode("", torch.randn(1, 4, 1, 1), torch.rand(1, 8, 8, 3)))
+    assert rgba.shape == (1, 8, 8, 4) and torch.isfinite(rgba).all()
+
+
+def test_a_decoder_that_overflows_is_an_error(pack, layer_model_dir, monkeypatch):
+    """A network that overflows (as one in float16 can) gives inf/NaN, never a clipped image."""
+    lib = pack_module("lib_layerdiffuse.transparent_vae")
+    monkeypatch.setattr(lib.CpuExecutor, "__call__", lambda self, p, z: torch.full_like(p[:, :1].expand(-1, 4, -1, -1), float("inf")))
+    with pytest.raises(pack_module("lib_layerdiffuse.finite").NonFiniteError,
+                       match="the transparent decoder: its output holds 0 NaN and 16384 infinite.*precision"):
+        run_node(pack, "LayeredDiffusionDecodeRGBA", **_decode("", torch.randn(1, 4, 8, 8), torch.rand(1, 64, 64, 3)))
+
+
+@pytest.mark.parametrize("inputs,message", [
+    ({"image": _nan_at((1, 64, 64, 4))}, r"Layer Diffuse Encode: image holds 3 NaN and 0 infinite values"),
+    ({"image": torch.rand(1, 64, 64, 3), "mask": _nan_at((1, 64, 64))}, "the mask of image holds 3 NaN"),
+    ({"image": torch.rand(0, 64, 64, 3)}, r"Layer Diffuse Encode: image is empty \(shape \[0, 64, 64, 3\]\)"),
+    ({"image": torch.rand(1, 7, 7, 3)}, "the image is 7x7; it must be at least 8x8: upscale it first"),
+    ({"image": torch.rand(1, 1, 1, 3)}, "the image is 1x1; it must be at least 8x8"),
+    ({"image": torch.rand(1, 64, 64, 5)}, r"image has shape \[1, 64, 64, 5\].*C = 1 to 4"),
+])
+def test_bad_encode_inputs_name_the_node_and_the_cure(pack, layer_model_dir, sd15_vae, inputs, message):
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match=message):
+        run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15", **inputs)
+
+
+def test_encode_takes_grey_masks_of_another_size_and_clamps_alpha(pack, layer_model_dir, sd15_vae):
+    image = rgba_disc(64, 64)
+    (reference,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, image=image, sd_version="SD15")
+    # grey + alpha (2 channels) is the grey RGBA image
+    grey = image[..., :1].expand(-1, -1, -1, 3)
+    (two,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15",
+                      image=torch.cat([image[..., :1], image[..., 3:]], dim=-1))
+    (expected,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15",
+                           image=torch.cat([grey, image[..., 3:]], dim=-1))
+    torch.testing.assert_close(two["samples"], expected["samples"], atol=1e-4, rtol=0)  # memory layouts differ
+    (one,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15", image=image[..., :1])
+    (opaque,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15", image=grey)
+    torch.testing.assert_close(one["samples"], opaque["samples"], atol=1e-4, rtol=0)
+    # alpha past [0,1] (resampling overshoot) is clamped: the same latent as the clamped image
+    overshoot = image.clone()
+    overshoot[..., 3] = overshoot[..., 3] * 1.2 - 0.1
+    clamped = overshoot.clone()
+    clamped[..., 3] = clamped[..., 3].clamp(0, 1)
+    (a,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15", image=overshoot)
+    (b,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15", image=clamped)
+    assert torch.equal(a["samples"], b["samples"]) and not torch.equal(a["samples"], reference["samples"])
+    # a mask of another size is resized to the image
+    (small_mask,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15", image=image[..., :3],
+                             mask=torch.zeros(1, 16, 16))
+    (full_mask,) = run_node(pack, "LayeredDiffusionEncode", vae=sd15_vae, sd_version="SD15", image=image[..., :3],
+                            mask=torch.zeros(1, 64, 64))
+    assert torch.equal(small_mask["samples"], full_mask["samples"])
+
+
+def test_checkerboard_bad_and_small_inputs(pack):
+    errors = pack_module("lib_layerdiffuse.errors")
+    with pytest.raises(errors.InputError, match="Layer Diffuse Checkerboard Preview: image holds 3 NaN"):
+        run_node(pack, "LayeredDiffusionCheckerboard", image=_nan_at((1, 8, 8, 4)), square=4)
+    with pytest.raises(errors.InputError, match="Layer Diffuse Checkerboard Preview: image is empty"):
+        run_node(pack, "LayeredDiffusionCheckerboard", image=torch.rand(0, 8, 8, 4), square=4)
+    (tiny,) = run_node(pack, "LayeredDiffusionCheckerboard", image=torch.rand(1, 1, 1, 4), square=16)
+    assert tiny.shape == (1, 1, 1, 3)
+    grey_alpha = torch.rand(1, 7, 7, 2)
+    (preview,) = run_node(pack, "LayeredDiffusionCheckerboard", image=grey_alpha, square=2)
+    (expected,) = run_node(pack, "LayeredDiffusionCheckerboard",
+                           image=torch.cat([grey_alpha[..., :1].expand(-1, -1, -1, 3), grey_alpha[..., 1:]], -1), square=2)
+    assert preview.shape == (1, 7, 7, 3) and torch.equal(preview, expected)
+    (grey,) = run_node(pack, "LayeredDiffusionCheckerboard", image=grey_alpha[..., :1], square=2)
+    assert torch.equal(grey, grey_alpha[..., :1].expand(-1, -1, -1, 3))
+
+
+@pytest.mark.parametrize("node_id,inputs,message", [
+    ("LayeredDiffusionUpscaleRGBA", {"image": _nan_at((1, 8, 8, 4))},
+     "Layer Diffuse Upscale \\(RGBA\\): image holds 3 NaN"),
+    ("LayeredDiffusionUpscaleRGBA", {"image": torch.rand(1, 8, 8, 3), "mask": _nan_at((1, 8, 8))},
+     "Layer Diffuse Upscale \\(RGBA\\): the mask of image holds 3 NaN"),
+    ("LayeredDiffusionUpscaleRGBA", {"image": torch.rand(0, 8, 8, 4)}, "image is empty"),
+    ("LayeredDiffusionSaveLayers", {"foreground": torch.rand(1, 8, 8, 4), "background": _nan_at((1, 8, 8, 3))},
+     "Layer Diffuse Save Layers: background holds 3 NaN"),
+    ("LayeredDiffusionSaveLayers", {"foreground": torch.rand(1, 8, 8, 3), "foreground_mask": _nan_at((1, 8, 8))},
+     "Layer Diffuse Save Layers: the mask of foreground holds 3 NaN"),
+])
+def test_rgba_nodes_refuse_non_finite_inputs(pack, tmp_path, node_id, inputs, message):
+    settings = ({"upscale_method": "bilinear", "scale_by": 2.0, "width": 0, "height": 0, "crop": "disabled"}
+                if "Upscale" in node_id else {"filename_prefix": str(tmp_path / "x"), "layered_format": "PSD"})
+    with pytest.raises(pack_module("lib_layerdiffuse.errors").InputError, match=message):
+        run_node(pack, node_id, **inputs, **settings)
+    assert not list(tmp_path.iterdir())
+
+
+def test_upscale_takes_tiny_and_grey_images(pack):
+    settings = {"upscale_method": "bilinear", "scale_by": 2.0, "width": 0, "height": 0, "crop": "disabled"}
+    for image in (torch.rand(1, 1, 1, 4), torch.rand(1, 7, 7, 2), torch.rand(1, 7, 7, 1)):
+        out, alpha = run_node(pack, "LayeredDiffusionUpscaleRGBA", image=image, **settings)
+        assert out.shape == (1, 2 * image.shape[1], 2 * image.shape[2], 4) and torch.isfinite(out).all()

@@ -13,8 +13,15 @@ from safetensors.torch import load_file
 
 from lib_layerdiffuse import flux_vae
 from lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder
-from lib_layerdiffuse.transparent_vae import decode_augmented, decode_augmented_passes, decode_transparent
+from lib_layerdiffuse.transparent_vae import (
+    check_latent,
+    decode_augmented,
+    decode_augmented_passes,
+    decode_transparent,
+    transparency_offset,
+)
 from lib_layerdiffuse.errors import InputError, WeightFileError
+from lib_layerdiffuse.vae_family import FLUX
 from lib_layerdiffuse.weight_files import WEIGHT_FILES, build_model
 from support.paths import PACK_ROOT
 from support.synth import golden as load_golden
@@ -24,6 +31,17 @@ from support.synth import synthweights as load_synthweights
 ATOL = 1e-4  # testkit README: float32 decoder outputs, feeds and offset_raw
 ATOL_X300 = 1e-3  # testkit README: the x300 offsets and chain latents
 MANIFEST = "flux_transparent_vae"
+GROUPS = (flux_vae.SD_VAE, flux_vae.ENCODER_GROUP, flux_vae.DECODER_GROUP)
+# The Flux VAE's latent normalisation (ComfyUI's latent_formats.Flux): the sampler works on
+# (z - SHIFT_FACTOR) * SCALING_FACTOR, while LATENT["samples"] and both networks use the raw z.
+SCALING_FACTOR = 0.3611
+SHIFT_FACTOR = 0.1159
+
+
+def group_tensors(state_dict, name):
+    """The tensors of one group of the file, prefix removed."""
+    prefix = name + "."
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +62,17 @@ def golden():
 def _group_float32(synthweights, manifest, group):
     """One group of the golden's weights (values depend only on seed, key and shape)."""
     sub = {"tensors": {k: v for k, v in manifest["tensors"].items() if k.startswith(group + ".")}}
-    return flux_vae.group(synthweights.make_state_dict(sub, seed=0, dtype="float32"), group)
+    return group_tensors(synthweights.make_state_dict(sub, seed=0, dtype="float32"), group)
 
 
 @pytest.fixture(scope="module")
 def decoder(synthweights, manifest):
-    return build_model(flux_vae.decoder, _group_float32(synthweights, manifest, flux_vae.DECODER), "decoder")
+    return build_model(flux_vae.decoder, _group_float32(synthweights, manifest, flux_vae.DECODER_GROUP), "decoder")
 
 
 @pytest.fixture(scope="module")
 def encoder(synthweights, manifest):
-    return build_model(flux_vae.encoder, _group_float32(synthweights, manifest, flux_vae.ENCODER), "encoder")
+    return build_model(flux_vae.encoder, _group_float32(synthweights, manifest, flux_vae.ENCODER_GROUP), "encoder")
 
 
 # --- layout ---------------------------------------------------------------------------------------
@@ -62,9 +80,9 @@ def encoder(synthweights, manifest):
 def test_file_layout_is_the_manifest(manifest):
     expected = {k: tuple(v["shape"]) for k, v in manifest["tensors"].items()}
     assert flux_vae.file_layout() == expected
-    sizes = {g: len(flux_vae.group(expected, g)) for g in flux_vae.GROUPS}
+    sizes = {g: len(group_tensors(expected, g)) for g in GROUPS}
     assert sizes == {"sd_vae": 244, "encoder": 18, "decoder": 538}
-    assert flux_vae.flux_vae_layout() == flux_vae.group(expected, flux_vae.SD_VAE)
+    assert flux_vae.flux_vae_layout() == group_tensors(expected, flux_vae.SD_VAE)
     assert expected["decoder.latent_conv_in.weight"] == (64, 16, 1, 1)
     assert expected["encoder.blocks.16.weight"] == (16, 256, 3, 3)
 
@@ -79,7 +97,7 @@ def test_registry_has_the_two_flux_files():
 # --- golden parity --------------------------------------------------------------------------------
 
 def test_constants_give_the_golden_raw_latent(golden):
-    raw = golden["decoder.model_latent"] / flux_vae.SCALING_FACTOR + flux_vae.SHIFT_FACTOR
+    raw = golden["decoder.model_latent"] / SCALING_FACTOR + SHIFT_FACTOR
     torch.testing.assert_close(raw, golden["decoder.latent"], atol=1e-6, rtol=0)
 
 
@@ -95,7 +113,7 @@ def test_decoder_augmented_matches_golden(decoder, golden):
     median = decode_augmented(decoder, golden["decoder.pixel"], golden["decoder.latent"])
     torch.testing.assert_close(median, golden["decoder.augmented"], atol=ATOL, rtol=0)
     # The full entry point (padding, sub-batches) gives the same at an aligned size.
-    out = decode_transparent(decoder, golden["decoder.pixel"], golden["decoder.latent"], sub_batch_size=2)
+    out = decode_transparent(FLUX, decoder, golden["decoder.pixel"], golden["decoder.latent"], sub_batch_size=2)
     torch.testing.assert_close(out, golden["decoder.augmented"], atol=ATOL, rtol=0)
 
 
@@ -103,20 +121,20 @@ def test_encoder_matches_golden_and_scales_by_300(encoder, golden):
     with torch.no_grad():
         raw = encoder(golden["encoder.feed"])
     torch.testing.assert_close(raw, golden["encoder.offset_raw"], atol=ATOL, rtol=0)
-    torch.testing.assert_close(raw * flux_vae.OFFSET_SCALE, golden["encoder.offset"], atol=ATOL_X300, rtol=0)
+    torch.testing.assert_close(raw * FLUX.offset_scale, golden["encoder.offset"], atol=ATOL_X300, rtol=0)
 
 
 def test_encoder_pipeline_is_rgb_then_alpha(encoder, golden):
     image = golden["encoder_pipeline.rgba_uint8"].float().div(255).movedim(-1, 1)
     rgb, alpha = image[:, :3], image[:, 3:]
-    feed = flux_vae.offset_encoder_feed(rgb, alpha)
+    feed = FLUX.feed(rgb, alpha)
     torch.testing.assert_close(feed, golden["encoder_pipeline.feed"], atol=ATOL, rtol=0)
     assert torch.equal(feed[:, 3:], alpha)  # alpha last, unlike the SD feed
-    offset = flux_vae.transparency_offset(encoder, rgb, alpha)
+    offset = transparency_offset(FLUX, encoder, rgb, alpha)
     torch.testing.assert_close(offset, golden["encoder_pipeline.offset"], atol=ATOL_X300, rtol=0)
     # The SD order (alpha first) would give another offset: the order is not a detail.
     with torch.no_grad():
-        wrong = encoder(feed[:, [3, 0, 1, 2]]) * flux_vae.OFFSET_SCALE
+        wrong = encoder(feed[:, [3, 0, 1, 2]]) * FLUX.offset_scale
     assert (wrong - golden["encoder_pipeline.offset"]).abs().max() > 100 * ATOL_X300
 
 
@@ -125,18 +143,19 @@ def test_any_multiple_of_8_keeps_its_size(decoder, height, width):
     generator = torch.Generator().manual_seed(3)
     pixel = torch.rand(1, 3, height, width, generator=generator)
     latent = torch.randn(1, 16, height // 8, width // 8, generator=generator)
-    out = decode_transparent(decoder, pixel, latent, sub_batch_size=1)
+    out = decode_transparent(FLUX, decoder, pixel, latent, sub_batch_size=1)
     assert out.shape == (1, 4, height, width) and out.min() >= 0 and out.max() <= 1
 
 
-def test_sd_sized_latents_are_refused(decoder):
-    with pytest.raises(InputError, match="4 channels but this transparent decoder takes 16"):
-        decode_transparent(decoder, torch.rand(1, 3, 64, 64), torch.randn(1, 4, 8, 8), 1)
+def test_sd_sized_latents_are_refused():
+    with pytest.raises(InputError, match="Node X: the latent has 4 channels but the Flux transparent decoder takes 16: "
+                                         ".*SD1.5/SDXL latents have 4 channels and go to Layer Diffuse Decode"):
+        check_latent(FLUX, torch.randn(1, 4, 8, 8), "Node X")
 
 
 def test_encoder_needs_multiples_of_8(encoder):
     with pytest.raises(InputError, match="multiples of 8"):
-        flux_vae.transparency_offset(encoder, torch.rand(1, 3, 64, 60), torch.ones(1, 1, 64, 60))
+        transparency_offset(FLUX, encoder, torch.rand(1, 3, 64, 60), torch.ones(1, 1, 64, 60))
 
 
 # --- .pth -> safetensors --------------------------------------------------------------------------
@@ -161,8 +180,8 @@ def test_conversion_keeps_every_tensor(synthetic_pth, tmp_path, manifest):
         assert converted[key].dtype == torch.bfloat16 and torch.equal(converted[key], tensor), key
     assert sorted(p.name for p in tmp_path.iterdir()) == [flux_vae.SAFETENSORS_NAME]
     # The converted groups load strictly into the networks.
-    build_model(flux_vae.decoder, flux_vae.group(converted, flux_vae.DECODER), target.name)
-    build_model(flux_vae.encoder, flux_vae.group(converted, flux_vae.ENCODER), target.name)
+    build_model(flux_vae.decoder, group_tensors(converted, flux_vae.DECODER_GROUP), target.name)
+    build_model(flux_vae.encoder, group_tensors(converted, flux_vae.ENCODER_GROUP), target.name)
 
 
 def test_command_line_conversion(synthetic_pth, tmp_path):

@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_layerdiffuse import rgba
 from lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder
 from lib_layerdiffuse.transparent_vae import (
+    check_latent,
+    check_pixels,
     decode_augmented,
     decode_augmented_passes,
     decode_transparent,
@@ -17,6 +18,8 @@ from lib_layerdiffuse.transparent_vae import (
 )
 from lib_layerdiffuse.unet1024 import UNet1024
 from lib_layerdiffuse.errors import InputError, WeightFileError
+from lib_layerdiffuse.finite import NonFiniteError
+from lib_layerdiffuse.vae_family import SD
 from lib_layerdiffuse.weight_files import WEIGHT_FILES, build_model, read_safetensors
 from support.synth import golden as load_golden
 from support.synth import manifest, state_dict, synthetic_file
@@ -83,12 +86,12 @@ def test_decoder_augmented_matches_golden(decoder, golden):
 def test_fewer_passes(decoder, golden):
     pixel, latent = golden["decoder.pixel"], golden["decoder.latent"]
     calls = []
-    four = decode_transparent(decoder, pixel, latent, 1, on_pass=lambda: calls.append(1), passes=4)
+    four = decode_transparent(SD, decoder, pixel, latent, 1, on_pass=lambda: calls.append(1), passes=4)
     assert len(calls) == 4
     passes = golden["decoder.augmented_passes"][[0, 2, 4, 6]]
-    torch.testing.assert_close(four, passes.median(dim=0).values, atol=ATOL, rtol=0)
-    one = decode_transparent(decoder, pixel, latent, 1, passes=1)
-    torch.testing.assert_close(one, golden["decoder.single_pass"].clamp(0, 1), atol=ATOL, rtol=0)
+    torch.testing.assert_close(four, SD.to_rgba(passes.median(dim=0).values), atol=ATOL, rtol=0)
+    one = decode_transparent(SD, decoder, pixel, latent, 1, passes=1)
+    torch.testing.assert_close(one, SD.to_rgba(golden["decoder.single_pass"].clamp(0, 1)), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
@@ -98,14 +101,16 @@ def test_half_precision_network(float32_state_dicts, golden, dtype, tolerance):
     half_decoder = build_model(UNet1024, float32_state_dicts("vae_transparent_decoder"), "decoder", dtype=dtype)
     assert half_decoder.compute_dtype == dtype and half_decoder.down_blocks[0].resnets[0].conv1.weight.dtype == dtype
     assert half_decoder.conv_in.weight.dtype == half_decoder.latent_conv_in.weight.dtype == torch.float32
-    half = decode_transparent(half_decoder, golden["decoder.pixel"], golden["decoder.latent"], 1)
+    half = decode_transparent(SD, half_decoder, golden["decoder.pixel"], golden["decoder.latent"], 1)
     assert half.dtype == torch.float32
-    assert 0 < (half - golden["decoder.augmented"]).abs().max() < tolerance
+    assert 0 < (half - SD.to_rgba(golden["decoder.augmented"])).abs().max() < tolerance
 
 
 def test_decode_transparent_of_aligned_size_is_the_augmented_decode(decoder, golden):
-    out = decode_transparent(decoder, golden["decoder.pixel"], golden["decoder.latent"], sub_batch_size=4)
-    torch.testing.assert_close(out, golden["decoder.augmented"], atol=ATOL, rtol=0)
+    out = decode_transparent(SD, decoder, golden["decoder.pixel"], golden["decoder.latent"], sub_batch_size=4)
+    torch.testing.assert_close(out, SD.to_rgba(golden["decoder.augmented"]), atol=ATOL, rtol=0)
+    # R,G,B,A: the SD decoder predicts alpha first.
+    assert torch.equal(out[:, 3], decode_augmented(decoder, golden["decoder.pixel"], golden["decoder.latent"])[:, 0])
 
 
 def test_encoder_matches_golden(encoder, golden):
@@ -116,9 +121,10 @@ def test_encoder_matches_golden(encoder, golden):
 def test_pad_rgb_and_encoder_pipeline_match_golden(encoder, golden):
     image = golden["encoder_pipeline.rgba_uint8"].float().div(255).movedim(-1, 1)
     rgb, alpha = image[:, :3], image[:, 3:]
-    feed = rgba.offset_encoder_feed(rgb, alpha)
+    feed = SD.feed(rgb, alpha)
     torch.testing.assert_close(feed, golden["encoder_pipeline.feed"], atol=ATOL, rtol=0)
-    offset = transparency_offset(encoder, rgb, alpha)
+    assert torch.equal(feed[:, :1], alpha)  # alpha first
+    offset = transparency_offset(SD, encoder, rgb, alpha)
     torch.testing.assert_close(offset, golden["encoder_pipeline.offset"], atol=ATOL, rtol=0)
 
 
@@ -127,7 +133,7 @@ def test_any_multiple_of_8_keeps_its_size(decoder, height, width):
     generator = torch.Generator().manual_seed(1)
     pixel = torch.rand(1, 3, height, width, generator=generator)
     latent = torch.randn(1, 4, height // 8, width // 8, generator=generator)
-    out = decode_transparent(decoder, pixel, latent, sub_batch_size=1)
+    out = decode_transparent(SD, decoder, pixel, latent, sub_batch_size=1)
     assert out.shape == (1, 4, height, width)
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
@@ -137,29 +143,61 @@ def test_sub_batches_give_the_same_result(decoder):
     pixel = torch.rand(3, 3, 64, 64, generator=generator)
     latent = torch.randn(3, 4, 8, 8, generator=generator)
     calls = []
-    whole = decode_transparent(decoder, pixel, latent, sub_batch_size=3, on_pass=lambda: calls.append(1))
+    whole = decode_transparent(SD, decoder, pixel, latent, sub_batch_size=3, on_pass=lambda: calls.append(1))
     assert len(calls) == 8
-    split = decode_transparent(decoder, pixel, latent, sub_batch_size=2, on_pass=lambda: calls.append(1))
+    split = decode_transparent(SD, decoder, pixel, latent, sub_batch_size=2, on_pass=lambda: calls.append(1))
     assert len(calls) == 8 + 16
     torch.testing.assert_close(whole, split, atol=1e-5, rtol=0)
     # Each image is decoded on its own: the second image alone gives its row of the batch.
-    torch.testing.assert_close(decode_transparent(decoder, pixel[1:2], latent[1:2], 1), whole[1:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(decode_transparent(SD, decoder, pixel[1:2], latent[1:2], 1), whole[1:2], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("pixel_shape,latent_shape,message", [
-    ((2, 3, 64, 64), (1, 4, 8, 8), "batch mismatch"),
-    ((1, 3, 64, 64), (1, 4, 8, 16), "size mismatch"),
-    ((1, 3, 64, 64), (1, 16, 8, 8), "16 channels"),
-    ((1, 4, 64, 64), (1, 4, 8, 8), "RGB image"),
+    ((2, 3, 64, 64), (1, 4, 8, 8), "Node X: batch mismatch: 2 images but 1 latents"),
+    ((1, 3, 64, 64), (1, 4, 8, 16), "Node X: size mismatch"),
+    ((1, 3, 64, 64), (1, 16, 8, 8), "Node X: the latent has 16 channels but the SD1.5/SDXL transparent decoder "
+                                    "takes 4: .*Flux latents have 16 and go to Layer Diffuse Flux Decode"),
+    ((1, 4, 64, 64), (1, 4, 8, 8), "Node X: images has 4 channels.*not an RGBA image"),
+    ((1, 1, 64, 64), (1, 4, 8, 8), "Node X: images has 1 channels"),
+    ((0, 3, 64, 64), (0, 4, 8, 8), "Node X: samples is an empty batch"),
+    ((1, 3, 64, 64), (4, 8, 8), r"Node X: samples has shape \[4, 8, 8\]"),
 ])
-def test_mismatched_inputs_are_clear_errors(decoder, pixel_shape, latent_shape, message):
+def test_mismatched_inputs_are_clear_errors(pixel_shape, latent_shape, message):
+    latent = torch.randn(latent_shape)
     with pytest.raises(InputError, match=message):
-        decode_transparent(decoder, torch.rand(pixel_shape), torch.randn(latent_shape), 1)
+        check_latent(SD, latent, "Node X")
+        check_pixels(torch.rand(pixel_shape), latent, "Node X")
+
+
+@pytest.mark.parametrize("what,value", [("samples", float("nan")), ("images", float("inf"))])
+def test_non_finite_inputs_are_counted_and_named(what, value):
+    pixel, latent = torch.rand(2, 3, 64, 64), torch.randn(2, 4, 8, 8)
+    target = latent if what == "samples" else pixel
+    target[1, 0, :2, :3] = value
+    with pytest.raises(NonFiniteError) as error:
+        check_latent(SD, latent, "Node X")
+        check_pixels(pixel, latent, "Node X")
+    text = str(error.value)
+    assert text.startswith(f"Node X: {what}")
+    count = "6 NaN and 0 infinite" if what == "samples" else "0 NaN and 6 infinite"
+    assert f"holds {count} values (of {target.numel()})" in text
+    assert ("--fp32-vae" in text) == (what == "images") and ("CFG" in text) == (what == "samples")
+
+
+def test_a_decoder_that_overflows_is_an_error_not_a_black_image(float32_state_dicts, golden):
+    """float16 overflow in the network (here: a weight too large for float16) gives inf/NaN,
+    which the clamp would turn into 0 and 1 silently."""
+    state = dict(float32_state_dicts("vae_transparent_decoder"))
+    state["conv_out.weight"] = state["conv_out.weight"] * 1e5
+    overflowing = build_model(UNet1024, state, "decoder", dtype=torch.float16)
+    with pytest.raises(NonFiniteError, match="the transparent decoder: its output holds .*set precision to "
+                                             "bfloat16 or float32"):
+        decode_transparent(SD, overflowing, golden["decoder.pixel"], golden["decoder.latent"], 1)
 
 
 def test_encoder_rejects_sizes_that_are_not_multiples_of_8(encoder):
     with pytest.raises(InputError, match="multiples of 8"):
-        transparency_offset(encoder, torch.rand(1, 3, 60, 64), torch.ones(1, 1, 60, 64))
+        transparency_offset(SD, encoder, torch.rand(1, 3, 60, 64), torch.ones(1, 1, 60, 64))
 
 
 def test_latent_with_offset_moves_the_mean_by_std_units():

@@ -144,14 +144,14 @@ def test_encode_through_the_server_is_the_reference_latent(comfy_server, comfyui
     mean, logvar = moments.float().chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30, 20))
     # and the offset encoder on (alpha, padded RGB).
-    from lib_layerdiffuse import rgba as rgba_maths
+    from lib_layerdiffuse.vae_family import SD
     from lib_layerdiffuse.offset_encoder import LatentTransparencyOffsetEncoder
     from lib_layerdiffuse.weight_files import build_model, read_safetensors
 
     encoder_file = comfy_server.base / "models" / "layer_model" / "layer_sd15_vae_transparent_encoder.safetensors"
     encoder = build_model(LatentTransparencyOffsetEncoder, read_safetensors(str(encoder_file)), encoder_file.name)
     with torch.no_grad():
-        offset = encoder(rgba_maths.offset_encoder_feed(rgb, alpha))
+        offset = encoder(SD.feed(rgb, alpha))
     reference = mean + std * offset
     relative = (latent - reference).norm() / reference.norm()
     assert relative < 1e-3, float(relative)
