@@ -27,14 +27,11 @@ from ..lib_layerdiffuse.transparent_vae import (
     posterior_mean_std,
     sub_batches,
 )
-from . import model_store
+from . import batch_sizing
 from .rgba_io import split_rgba
 
 PASSES = {"8": 8, "4": 4, "1": 1}
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Rough working memory of one decoder pass per pixel at float32 (skip tensors, concatenations,
-# the stacked passes); ComfyUI frees this much before the decode starts.
-DECODE_BYTES_PER_PIXEL = 2400
 SIZE_MULTIPLE = 8
 
 OffsetFunction = Callable[[LatentTransparencyOffsetEncoder, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,17 +74,14 @@ def run_transparent_decoder(patcher: ModelPatcher, pixel: torch.Tensor, latent: 
     """The augmented decode of [B,3,H,W] pixels and their latents with the decoder in `patcher`,
     on ComfyUI's device after making room, with a progress bar and interruption.
     Returns [B,4,H,W] float32 on the CPU, channels in the weight file's order."""
-    step = min(sub_batch_size, pixel.shape[0])
-    dtype_bytes = torch.finfo(patcher.model.compute_dtype).bits // 8
-    working = step * pixel.shape[-2] * pixel.shape[-1] * DECODE_BYTES_PER_PIXEL * dtype_bytes // 4
-    model = model_store.load_to_device(patcher, working)
-    bar = comfy.utils.ProgressBar(PASSES[passes] * sub_batches(pixel.shape[0], sub_batch_size))
+    model, step = batch_sizing.load_decoder(patcher, pixel.shape, PASSES[passes], sub_batch_size)
+    bar = comfy.utils.ProgressBar(PASSES[passes] * sub_batches(pixel.shape[0], step))
 
     def on_pass() -> None:
         model_management.throw_exception_if_processing_interrupted()
         bar.update(1)
 
-    return decode_transparent(model, pixel.cpu(), latent.cpu().float(), sub_batch_size, on_pass, PASSES[passes])
+    return decode_transparent(model, pixel.cpu(), latent.cpu().float(), step, on_pass, PASSES[passes])
 
 
 def vae_batches(vae: VAE, inputs: torch.Tensor, memory_per_item: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -141,7 +135,7 @@ def encode_transparent(vae: VAE, image: torch.Tensor, mask: torch.Tensor | None,
     rgb, alpha = (crop_to_multiple_of_8(x) for x in split_rgba(image, mask, node))
     if min(rgb.shape[-2:]) < SIZE_MULTIPLE:
         raise InputError(f"{node}: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8")
-    network = model_store.load_to_device(encoder, rgb.numel() * 64)
-    moved = offset(network, rgb, alpha)
+    network, step = batch_sizing.load_encoder(encoder, rgb.shape, node)
+    moved = batch_sizing.in_sub_batches(lambda c, a: offset(network, c, a), step, rgb, alpha)
     mean, std = vae_posterior(vae, rgba.flatten_on_grey(rgb, alpha, grey))
     return latent_with_offset(mean, std, moved)
