@@ -23,9 +23,6 @@ from ..lib_layerdiffuse.batch_memory import (
 )
 from . import model_store
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
 def free_memory(device: torch.device) -> int:
     return int(model_management.get_free_memory(device))
 
@@ -40,7 +37,7 @@ def load_decoder(patcher: ModelPatcher, shape: torch.Size, passes: int, sub_batc
     memory = decoder_memory(height, width, batch, dtype.itemsize, passes, on_cpu)
     model = model_store.load_to_device(patcher, memory.for_images(1))
     free = free_memory(device)
-    work = f"the transparent decoder ({width}x{height}, {DTYPE_NAMES.get(dtype, dtype)}, {passes} passes)"
+    work = f"the transparent decoder ({width}x{height}, {str(dtype).removeprefix('torch.')}, {passes} passes)"
     cure = decoder_cure(height, width, batch, dtype.itemsize, passes, on_cpu, free)
     return model, images_at_once(memory, free, batch, sub_batch_size, work, cure)
 
