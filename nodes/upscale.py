@@ -24,6 +24,7 @@ from ..lib_layerdiffuse.rgba_upscale import (
     resize_rgba,
     upscale_rgba_with_model,
 )
+from .batch_sizing import in_sub_batches, resize_batch
 from .host_compat import is_oom, schema, upscale_model_on_device
 from .naming import CATEGORY, SEARCH_ALIASES
 from .rgba_io import alpha_output, join_rgba, rgba_image_inputs, split_rgba
@@ -142,12 +143,15 @@ class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
         if crop == "center" and width > 0 and height > 0:
             rgb, alpha = (centre_crop_to_aspect(x, *size) for x in (rgb, alpha))
         if upscale_model is None:
+            resize_batch(rgb.shape, size, NODE)
             rgb, alpha = _resample(rgb, alpha, size, upscale_method)
         else:
             _check_model(upscale_model)
+            step = resize_batch(rgb.shape, size, NODE, upscale_model.scale)
             with _model_on_device(upscale_model, rgb) as device:
-                rgb, alpha = upscale_rgba_with_model(rgb, alpha, tiled_model(upscale_model, device), *size,
-                                                     upscale_method)
+                rgb, alpha = in_sub_batches(
+                    lambda c, a: upscale_rgba_with_model(c, a, tiled_model(upscale_model, device), *size, upscale_method),
+                    step, rgb, alpha)
         out = join_rgba(rgb, alpha).to(model_management.intermediate_device())
         return io.NodeOutput(out, out[..., 3])
 

@@ -32,14 +32,11 @@ from ..lib_layerdiffuse.transparent_vae import (
     transparency_offset,
 )
 from ..lib_layerdiffuse.vae_family import TransparentVAEFamily
-from . import model_store
+from . import batch_sizing
 from .rgba_io import split_rgba
 
 PASSES = {"8": 8, "4": 4, "1": 1}
 PRECISIONS = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Rough working memory of one decoder pass per pixel at float32 (skip tensors, concatenations,
-# the stacked passes); ComfyUI frees this much before the decode starts.
-DECODE_BYTES_PER_PIXEL = 2400
 SIZE_MULTIPLE = 8
 
 
@@ -88,18 +85,14 @@ def run_transparent_decoder(family: TransparentVAEFamily, patcher: ModelPatcher,
     """The augmented decode of [B,3,H,W] pixels and their latents with the decoder in `patcher`,
     on ComfyUI's device after making room, with a progress bar and interruption.
     Returns R,G,B,A [B,4,H,W] float32 on the CPU."""
-    step = min(sub_batch_size, pixel.shape[0])
-    dtype_bytes = torch.finfo(patcher.model.compute_dtype).bits // 8
-    working = step * pixel.shape[-2] * pixel.shape[-1] * DECODE_BYTES_PER_PIXEL * dtype_bytes // 4
-    model = model_store.load_to_device(patcher, working)
-    bar = comfy.utils.ProgressBar(PASSES[passes] * sub_batches(pixel.shape[0], sub_batch_size))
+    model, step = batch_sizing.load_decoder(patcher, pixel.shape, PASSES[passes], sub_batch_size)
+    bar = comfy.utils.ProgressBar(PASSES[passes] * sub_batches(pixel.shape[0], step))
 
     def on_pass() -> None:
         model_management.throw_exception_if_processing_interrupted()
         bar.update(1)
 
-    return decode_transparent(family, model, pixel.cpu(), latent.cpu().float(), sub_batch_size, on_pass,
-                              PASSES[passes])
+    return decode_transparent(family, model, pixel.cpu(), latent.cpu().float(), step, on_pass, PASSES[passes])
 
 
 def vae_batches(vae: VAE, inputs: torch.Tensor, memory_per_item: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -154,8 +147,8 @@ def encode_transparent(family: TransparentVAEFamily, node: str, vae: VAE, image:
     if min(rgb.shape[-2:]) < SIZE_MULTIPLE:
         raise InputError(f"{node}: the image is {image.shape[2]}x{image.shape[1]}; it must be at least 8x8: "
                          "upscale it first (e.g. Layer Diffuse Upscale (RGBA))")
-    network = model_store.load_to_device(encoder, rgb.numel() * 64)
-    moved = transparency_offset(family, network, rgb, alpha)
+    network, step = batch_sizing.load_encoder(encoder, rgb.shape, node)
+    moved = batch_sizing.in_sub_batches(lambda c, a: transparency_offset(family, network, c, a), step, rgb, alpha)
     mean, std = vae_posterior(vae, rgba.flatten_on_grey(rgb, alpha, family.grey))
     latent = latent_with_offset(mean, std, moved)
     require_finite(latent, node, "the encoded latent", VAE_CURE)
