@@ -3,7 +3,8 @@ without dark or foreign fringes along the edges (the maths is in lib_layerdiffus
 
 Core's Upscale Image (using Model) cannot take RGBA: its 3-channel models would get 4 channels.
 Here a model runs twice per image, on the colour (bled into the transparent pixels) and on alpha
-as a grey image, through ComfyUI's tiling with core's out-of-memory fallback.
+as a grey image, through ComfyUI's tiling with core's out-of-memory fallback. Upscale Layers
+(RGBA) does the same to every layer of a LAYERS document (hosts with core's layered images).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from ..lib_layerdiffuse.rgba_upscale import (
     resize_rgba,
     upscale_rgba_with_model,
 )
-from .host_compat import schema
+from .host_compat import layers_type, schema
+from .layers_document import scale_document
 from .naming import CATEGORY, SEARCH_ALIASES
 from .rgba_io import alpha_output, join_rgba, rgba_image_inputs, split_rgba
 
@@ -109,6 +111,30 @@ def _resample(rgb: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int],
     return torch.cat(colours), torch.cat(alphas)
 
 
+def _upscale(rgb: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int], upscale_method: str,
+             upscale_model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGBA resized to size = (height, width) by resampling, or by the upscale model and then
+    resampling to the size asked for."""
+    if upscale_model is None:
+        return _resample(rgb, alpha, size, upscale_method)
+    _check_model(upscale_model)
+    with _model_on_device(upscale_model, rgb) as device:
+        return upscale_rgba_with_model(rgb, alpha, tiled_model(upscale_model, device), *size, upscale_method)
+
+
+def _method_input() -> io.Combo.Input:
+    return io.Combo.Input("upscale_method", options=list(RESAMPLE_METHODS), default="lanczos",
+                          tooltip="How to resample. With an upscale model: how its output is brought to the "
+                                  "size asked for, if that differs from the model's scale. lanczos is computed "
+                                  "in float; bilinear and bicubic are antialiased when shrinking.")
+
+
+def _model_input() -> io.UpscaleModel.Input:
+    return io.UpscaleModel.Input("upscale_model", optional=True,
+                                 tooltip="An RGB upscale model (Load Upscale Model). Without one the image is "
+                                         "resampled with upscale_method.")
+
+
 class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -122,10 +148,7 @@ class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
                         "the transparent pixels and upscales alpha separately.",
             inputs=[
                 *rgba_image_inputs(),
-                io.Combo.Input("upscale_method", options=list(RESAMPLE_METHODS), default="lanczos",
-                               tooltip="How to resample. With an upscale model: how its output is brought to the "
-                                       "size asked for, if that differs from the model's scale. lanczos is computed "
-                                       "in float; bilinear and bicubic are antialiased when shrinking."),
+                _method_input(),
                 io.Float.Input("scale_by", default=2.0, min=0.01, max=8.0, step=0.01,
                                tooltip="Size factor, used when width and height are both 0. With an upscale model, "
                                        "set it to the model's scale (e.g. 4) to keep the model's output size."),
@@ -138,9 +161,7 @@ class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
                 io.Combo.Input("crop", options=["disabled", "center"], default="disabled",
                                tooltip="With both width and height set: center cuts the image to their aspect "
                                        "ratio first; disabled stretches it."),
-                io.UpscaleModel.Input("upscale_model", optional=True,
-                                      tooltip="An RGB upscale model (Load Upscale Model). Without one the image is "
-                                              "resampled with upscale_method."),
+                _model_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The resized image, RGBA (4 channels, alpha last)."),
@@ -158,15 +179,48 @@ class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
                              "lower scale_by, width or height")
         if crop == "center" and width > 0 and height > 0:
             rgb, alpha = (centre_crop_to_aspect(x, *size) for x in (rgb, alpha))
-        if upscale_model is None:
-            rgb, alpha = _resample(rgb, alpha, size, upscale_method)
-        else:
-            _check_model(upscale_model)
-            with _model_on_device(upscale_model, rgb) as device:
-                rgb, alpha = upscale_rgba_with_model(rgb, alpha, tiled_model(upscale_model, device), *size,
-                                                     upscale_method)
+        rgb, alpha = _upscale(rgb, alpha, size, upscale_method, upscale_model)
         out = join_rgba(rgb, alpha).to(model_management.intermediate_device())
         return io.NodeOutput(out, out[..., 3])
 
 
-UPSCALE_NODES = [LayeredDiffusionUpscaleRGBA]
+LAYERS_NODE = "Layer Diffuse Upscale Layers (RGBA)"
+
+
+class LayeredDiffusionUpscaleLayers(io.ComfyNode):
+    """Only on hosts with the LAYERS type (see UPSCALE_NODES)."""
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        layers = layers_type()
+        return schema(
+            node_id="LayeredDiffusionUpscaleLayers",
+            display_name=LAYERS_NODE,
+            category=CATEGORY,
+            search_aliases=[*SEARCH_ALIASES, "upscale", "resize", "psd"],
+            description="Resize every layer of a layer stack (Add Layer) and its placement by one factor, without "
+                        "fringes, as Upscale (RGBA) resizes an image; the stack keeps its names, order and settings.",
+            inputs=[
+                layers.Input("layers", tooltip="The layer stack (Add Layer, Save Layers). A layer's mask is folded "
+                                               "into its alpha."),
+                _method_input(),
+                io.Float.Input("scale_by", default=2.0, min=0.01, max=8.0, step=0.01,
+                               tooltip="Size factor for every layer, its position and the canvas. With an upscale "
+                                       "model, set it to the model's scale (e.g. 4) to keep the model's output size."),
+                _model_input(),
+            ],
+            outputs=[layers.Output(display_name="LAYERS", tooltip="The resized layer stack, every layer RGBA.")],
+        )
+
+    @classmethod
+    def execute(cls, layers: dict, upscale_method: str, scale_by: float, upscale_model=None) -> io.NodeOutput:
+        def resize(rgb: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            if max(size) > MAX_SIDE:
+                raise InputError(f"{LAYERS_NODE}: a layer would be {size[1]}x{size[0]}, over {MAX_SIDE} pixels on "
+                                 "a side; lower scale_by")
+            rgb, alpha = _upscale(rgb, alpha, size, upscale_method, upscale_model)
+            return rgb.to(model_management.intermediate_device()), alpha.to(model_management.intermediate_device())
+
+        return io.NodeOutput(scale_document(layers, scale_by, LAYERS_NODE, resize))
+
+
+UPSCALE_NODES = [LayeredDiffusionUpscaleRGBA, *([LayeredDiffusionUpscaleLayers] if layers_type() else [])]
