@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from support.pack import pack_module
+from support.upscale_models import write_compact_model
 
 UPSCALE = "LayeredDiffusionUpscaleRGBA"
 SAVE = "LayeredDiffusionSaveLayers"
@@ -112,33 +113,10 @@ def test_too_large_an_output_is_an_error(pack):
 
 # --- upscale model ----------------------------------------------------------------------------------
 
-def compact_state_dict(channels: int = 3) -> dict:
-    """A real spandrel SRVGGNetCompact (2x) set to blur 3x3 and enlarge: a linear model that mixes
-    neighbours, so that straight colour would bleed into the edges. Features: 0..c-1 the blurred
-    image, c..2c-1 the image; the last convolution gives blur - image, and the network adds the
-    nearest-upscaled image."""
-    from spandrel.architectures.Compact import Compact
-
-    model = Compact(num_in_ch=channels, num_out_ch=channels, num_feat=2 * channels, num_conv=1, upscale=2)
-    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
-    for c in range(channels):
-        state["body.0.weight"][c, c] = 1 / 9
-        state["body.0.weight"][channels + c, c, 1, 1] = 1
-        state["body.2.weight"][c, c, 1, 1] = 1
-        state["body.2.weight"][channels + c, channels + c, 1, 1] = 1
-        for sub in range(4):
-            state["body.4.weight"][4 * c + sub, c, 1, 1] = 1
-            state["body.4.weight"][4 * c + sub, channels + c, 1, 1] = -1
-    for key in ("body.1.weight", "body.3.weight"):
-        state[key] = torch.ones_like(state[key])  # PReLU slope 1: the identity
-    return state
-
-
 @pytest.fixture()
 def load_upscale_model(pack, tmp_path, monkeypatch):
     """factory(channels) -> the model as core's Load Upscale Model gives it, from a file."""
     import folder_paths
-    from safetensors.torch import save_file
 
     from comfy_extras.nodes_upscale_model import UpscaleModelLoader
 
@@ -146,7 +124,7 @@ def load_upscale_model(pack, tmp_path, monkeypatch):
 
     def load(channels: int = 3):
         name = f"compact_blur_{channels}.safetensors"
-        save_file(compact_state_dict(channels), str(tmp_path / name))
+        write_compact_model(tmp_path / name, channels)
         return UpscaleModelLoader.execute(name).result[0]
 
     return load
