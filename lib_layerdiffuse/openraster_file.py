@@ -31,7 +31,7 @@ def _stack_xml(layers: list[Layer], sources: list[str], height: int, width: int)
     image = ElementTree.Element("image", version=SPEC_VERSION, w=str(width), h=str(height))
     stack = ElementTree.SubElement(image, "stack")
     for layer, source in reversed(list(zip(layers, sources))):
-        ElementTree.SubElement(stack, "layer", name=layer.name, src=source, x="0", y="0", opacity="1.000",
+        ElementTree.SubElement(stack, "layer", name=layer.name, src=source, x="0", y="0", opacity=f"{layer.opacity:.3f}",
                                visibility="visible" if layer.visible else "hidden",
                                **{"composite-op": "svg:src-over"})
     return ElementTree.tostring(image, encoding="UTF-8", xml_declaration=True)

@@ -2,7 +2,7 @@
 
 The file is 8-bit RGB at the stack's size. Every layer is a pixel layer over the whole canvas with
 four channels (red, green, blue, and the transparency channel, id -1) holding straight alpha, a
-Pascal name and a Unicode name ('luni'), and its visibility. Channels are PackBits-compressed.
+Pascal name and a Unicode name ('luni'), its opacity and its visibility. Channels are PackBits-compressed.
 
 The merged image (what viewers without layer support show) has a fourth channel for the
 composite's transparency, which the spec signals by a negative layer count; its colour is matted
@@ -55,7 +55,7 @@ def _layer_record(layer: Layer, channel_lengths: list[int]) -> bytes:
     record = struct.pack(">iiiiH", 0, 0, height, width, len(CHANNEL_IDS))
     record += b"".join(struct.pack(">hI", cid, length) for cid, length in zip(CHANNEL_IDS, channel_lengths))
     flags = FLAG_PS5 | (0 if layer.visible else FLAG_HIDDEN)
-    record += b"8BIM" + b"norm" + struct.pack(">BBBB", 255, 0, flags, 0)
+    record += b"8BIM" + b"norm" + struct.pack(">BBBB", round(255 * layer.opacity), 0, flags, 0)
     extra = struct.pack(">II", 0, 0) + _pascal_name(layer.name) + _unicode_name(layer.name)
     return record + struct.pack(">I", len(extra)) + extra
 

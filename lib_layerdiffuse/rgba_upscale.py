@@ -118,8 +118,11 @@ def resample(x: torch.Tensor, height: int, width: int, method: str) -> torch.Ten
 def resize_rgba(rgb: torch.Tensor, alpha: torch.Tensor, height: int, width: int,
                 method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """RGBA resized premultiplied: (colour [B,3,height,width], alpha [B,1,height,width]).
-    Invisible output pixels get the input's bled colour, resized the same way."""
+    Invisible output pixels get the input's bled colour, resized the same way. Opaque images stay
+    exactly opaque."""
     rgb, alpha = rgb.float(), alpha.float()
+    if bool((alpha >= 1).all()):
+        return resample(rgb, height, width, method).clamp(0, 1), alpha.new_ones(alpha.shape[0], 1, height, width)
     bled = rgba.pad_rgb(rgb, alpha)
     out = resample(torch.cat([rgb * alpha, alpha, bled], dim=1), height, width, method)
     premultiplied, new_alpha, new_bled = out[:, :3], out[:, 3:4], out[:, 4:]
@@ -134,12 +137,15 @@ def upscale_rgba_with_model(rgb: torch.Tensor, alpha: torch.Tensor, model: Calla
     resized premultiplied with `method` to height x width if the model's size differs.
 
     The model sees the colour bled into the transparent pixels and, in the same batch, alpha as a
-    grey image; the mean of its three output channels is the new alpha.
+    grey image; the mean of its three output channels is the new alpha. Opaque images stay opaque
+    (a model's padding could darken alpha along the image's border), and their alpha is not run.
     """
     batch = rgb.shape[0]
-    bled = rgba.pad_rgb(rgb.float(), alpha.float()).clamp(0, 1)
-    out = model(torch.cat([bled, alpha.float().expand(-1, 3, -1, -1)])).float().clamp(0, 1)
-    colour, new_alpha = out[:batch], out[batch:].mean(dim=1, keepdim=True)
+    opaque = bool((alpha >= 1).all())
+    bled = rgb.float().clamp(0, 1) if opaque else rgba.pad_rgb(rgb.float(), alpha.float()).clamp(0, 1)
+    out = model(bled if opaque else torch.cat([bled, alpha.float().expand(-1, 3, -1, -1)])).float().clamp(0, 1)
+    colour = out[:batch]
+    new_alpha = torch.ones_like(colour[:, :1]) if opaque else out[batch:].mean(dim=1, keepdim=True)
     if tuple(out.shape[-2:]) == (height, width):
         return colour, new_alpha
     return resize_rgba(colour, new_alpha, height, width, method)

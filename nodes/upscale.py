@@ -3,7 +3,8 @@ without dark or foreign fringes along the edges (the maths is in lib_layerdiffus
 
 Core's Upscale Image (using Model) cannot take RGBA: its 3-channel models would get 4 channels.
 Here a model runs twice per image, on the colour (bled into the transparent pixels) and on alpha
-as a grey image, through ComfyUI's tiling with core's out-of-memory fallback.
+as a grey image, through ComfyUI's tiling with core's out-of-memory fallback. Upscale Layers
+(RGBA) does the same to every layer of a LAYERS document (hosts with core's layered images).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from ..lib_layerdiffuse.rgba_upscale import (
     upscale_rgba_with_model,
 )
 from .batch_sizing import in_sub_batches, resize_batch
-from .host_compat import is_oom, schema, upscale_model_on_device
+from .host_compat import is_oom, layers_type, schema, upscale_model_on_device
+from .layers_document import scale_document
 from .naming import CATEGORY, SEARCH_ALIASES
 from .rgba_io import alpha_output, join_rgba, rgba_image_inputs, split_rgba
 
@@ -93,6 +95,34 @@ def _resample(rgb: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int],
     return torch.cat(colours), torch.cat(alphas)
 
 
+def _upscale(rgb: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int], upscale_method: str, node: str,
+             upscale_model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGBA resized to size = (height, width) by resampling, or by the upscale model and then
+    resampling to the size asked for, as many images at once as the free memory holds."""
+    if upscale_model is None:
+        resize_batch(rgb.shape, size, node)
+        return _resample(rgb, alpha, size, upscale_method)
+    _check_model(upscale_model)
+    step = resize_batch(rgb.shape, size, node, upscale_model.scale)
+    with _model_on_device(upscale_model, rgb) as device:
+        upscale = tiled_model(upscale_model, device)
+        return in_sub_batches(lambda c, a: upscale_rgba_with_model(c, a, upscale, *size, upscale_method),
+                              step, rgb, alpha)
+
+
+def _method_input() -> io.Combo.Input:
+    return io.Combo.Input("upscale_method", options=list(RESAMPLE_METHODS), default="lanczos",
+                          tooltip="How to resample. With an upscale model: how its output is brought to the "
+                                  "size asked for, if that differs from the model's scale. lanczos is computed "
+                                  "in float; bilinear and bicubic are antialiased when shrinking.")
+
+
+def _model_input() -> io.UpscaleModel.Input:
+    return io.UpscaleModel.Input("upscale_model", optional=True,
+                                 tooltip="An RGB upscale model (Load Upscale Model). Without one the image is "
+                                         "resampled with upscale_method.")
+
+
 class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -106,10 +136,7 @@ class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
                         "the transparent pixels and upscales alpha separately.",
             inputs=[
                 *rgba_image_inputs(),
-                io.Combo.Input("upscale_method", options=list(RESAMPLE_METHODS), default="lanczos",
-                               tooltip="How to resample. With an upscale model: how its output is brought to the "
-                                       "size asked for, if that differs from the model's scale. lanczos is computed "
-                                       "in float; bilinear and bicubic are antialiased when shrinking."),
+                _method_input(),
                 io.Float.Input("scale_by", default=2.0, min=0.01, max=8.0, step=0.01,
                                tooltip="Size factor, used when width and height are both 0. With an upscale model, "
                                        "set it to the model's scale (e.g. 4) to keep the model's output size."),
@@ -122,9 +149,7 @@ class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
                 io.Combo.Input("crop", options=["disabled", "center"], default="disabled",
                                tooltip="With both width and height set: center cuts the image to their aspect "
                                        "ratio first; disabled stretches it."),
-                io.UpscaleModel.Input("upscale_model", optional=True,
-                                      tooltip="An RGB upscale model (Load Upscale Model). Without one the image is "
-                                              "resampled with upscale_method."),
+                _model_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The resized image, RGBA (4 channels, alpha last)."),
@@ -142,18 +167,48 @@ class LayeredDiffusionUpscaleRGBA(io.ComfyNode):
                              "lower scale_by, width or height")
         if crop == "center" and width > 0 and height > 0:
             rgb, alpha = (centre_crop_to_aspect(x, *size) for x in (rgb, alpha))
-        if upscale_model is None:
-            resize_batch(rgb.shape, size, NODE)
-            rgb, alpha = _resample(rgb, alpha, size, upscale_method)
-        else:
-            _check_model(upscale_model)
-            step = resize_batch(rgb.shape, size, NODE, upscale_model.scale)
-            with _model_on_device(upscale_model, rgb) as device:
-                rgb, alpha = in_sub_batches(
-                    lambda c, a: upscale_rgba_with_model(c, a, tiled_model(upscale_model, device), *size, upscale_method),
-                    step, rgb, alpha)
+        rgb, alpha = _upscale(rgb, alpha, size, upscale_method, NODE, upscale_model)
         out = join_rgba(rgb, alpha).to(model_management.intermediate_device())
         return io.NodeOutput(out, out[..., 3])
 
 
-UPSCALE_NODES = [LayeredDiffusionUpscaleRGBA]
+LAYERS_NODE = "Layer Diffuse Upscale Layers (RGBA)"
+
+
+class LayeredDiffusionUpscaleLayers(io.ComfyNode):
+    """Only on hosts with the LAYERS type (see UPSCALE_NODES)."""
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        layers = layers_type()
+        return schema(
+            node_id="LayeredDiffusionUpscaleLayers",
+            display_name=LAYERS_NODE,
+            category=CATEGORY,
+            search_aliases=[*SEARCH_ALIASES, "upscale", "resize", "psd"],
+            description="Resize every layer of a layer stack (Add Layer) and its placement by one factor, without "
+                        "fringes, as Upscale (RGBA) resizes an image; the stack keeps its names, order and settings.",
+            inputs=[
+                layers.Input("layers", tooltip="The layer stack (Add Layer, Save Layers). A layer's mask is folded "
+                                               "into its alpha."),
+                _method_input(),
+                io.Float.Input("scale_by", default=2.0, min=0.01, max=8.0, step=0.01,
+                               tooltip="Size factor for every layer, its position and the canvas. With an upscale "
+                                       "model, set it to the model's scale (e.g. 4) to keep the model's output size."),
+                _model_input(),
+            ],
+            outputs=[layers.Output(display_name="LAYERS", tooltip="The resized layer stack, every layer RGBA.")],
+        )
+
+    @classmethod
+    def execute(cls, layers: dict, upscale_method: str, scale_by: float, upscale_model=None) -> io.NodeOutput:
+        def resize(rgb: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+            if max(size) > MAX_SIDE:
+                raise InputError(f"{LAYERS_NODE}: a layer would be {size[1]}x{size[0]}, over {MAX_SIDE} pixels on "
+                                 "a side; lower scale_by")
+            rgb, alpha = _upscale(rgb, alpha, size, upscale_method, LAYERS_NODE, upscale_model)
+            return rgb.to(model_management.intermediate_device()), alpha.to(model_management.intermediate_device())
+
+        return io.NodeOutput(scale_document(layers, scale_by, LAYERS_NODE, resize))
+
+
+UPSCALE_NODES = [LayeredDiffusionUpscaleRGBA, *([LayeredDiffusionUpscaleLayers] if layers_type() else [])]

@@ -24,6 +24,7 @@ from support.workflows import (
     load_ui,
     node_types,
     require_registered,
+    skip_where_the_host_lacks_layers,
     ui_workflow_names,
 )
 
@@ -94,6 +95,7 @@ def test_template_browser_offers_the_workflows_with_thumbnails(browser, comfy_se
 
 @pytest.mark.parametrize("name", ui_workflow_names())
 def test_shipped_workflow_loads_by_drag_and_drop(browser, comfy_server, object_info, tmp_path, name):
+    skip_where_the_host_lacks_layers(name, object_info)
     graph = load_ui(name)
     require_registered(object_info, node_types(graph))
     close_dialogs(browser)
@@ -117,7 +119,7 @@ def test_shipped_workflow_loads_by_drag_and_drop(browser, comfy_server, object_i
     if reported["ui"] == "errors_tab":
         lacking = {(d, n) for d, n in lacking if n in named_by_widgets(graph)}
     offered = {(folder, file) for folder, file, download in reported["models"] if download}
-    assert lacking, "every shipped workflow names a base model that the test server lacks"
+    assert lacking or not models, "every shipped workflow with files names a base model that the test server lacks"
     assert lacking <= offered <= models, (lacking, reported["models"])
 
 

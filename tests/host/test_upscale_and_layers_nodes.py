@@ -1,7 +1,8 @@
 """Upscale (RGBA) and Save Layers inside a real ComfyUI (in-process, CPU): registration, resampling,
 a real spandrel upscale model loaded by core's loader, tiling, batches, files in the output folder
-with ComfyUI's counters and metadata, previews, and the LAYERS document through core's Create
-Layered Image where the host has that type."""
+with ComfyUI's counters and metadata, previews, the LAYERS document through core's Create
+Layered Image where the host has that type, and transparent images from core's own nodes (Load
+Image of an RGBA PNG, Join Image with Alpha, a 4-channel VAE, Add Layer) through both nodes."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,11 @@ import torch
 from PIL import Image
 
 from support.pack import pack_module
+from support.upscale_models import write_compact_model
 
 UPSCALE = "LayeredDiffusionUpscaleRGBA"
 SAVE = "LayeredDiffusionSaveLayers"
+UPSCALE_LAYERS = "LayeredDiffusionUpscaleLayers"
 GREEN = torch.tensor([0.1, 0.8, 0.2])
 MAGENTA = torch.tensor([1.0, 0.0, 1.0])
 VISIBLE = 0.05
@@ -37,10 +40,12 @@ def green_discs(batch: int = 2, size: int = 32) -> torch.Tensor:
     return torch.stack(images)
 
 
-def fringe(rgba: torch.Tensor) -> float:
+def fringe(rgba: torch.Tensor, colour: torch.Tensor = GREEN) -> float:
+    """The largest difference from `colour` (that of every visible pixel of the source) of a
+    visible pixel's colour."""
     visible = rgba[..., 3] > VISIBLE
     assert visible.any() and not visible.all()
-    return float((rgba[..., :3] - GREEN).abs()[visible].max())
+    return float((rgba[..., :3] - colour).abs()[visible].max())
 
 
 def run_upscale(pack, image, upscale_method="lanczos", scale_by=2.0, width=0, height=0, crop="disabled", **optional):
@@ -55,7 +60,11 @@ def run_upscale(pack, image, upscale_method="lanczos", scale_by=2.0, width=0, he
 
 @pytest.mark.registration
 def test_nodes_register_through_comfyui_loader(pack):
-    for node_id in (UPSCALE, SAVE):
+    from comfy_api.latest import io as comfy_io
+
+    layers_node = hasattr(comfy_io, "Layers")
+    assert (UPSCALE_LAYERS in pack.NODE_CLASS_MAPPINGS) == layers_node
+    for node_id in (UPSCALE, SAVE, *([UPSCALE_LAYERS] if layers_node else [])):
         schema = node(pack, node_id).define_schema()
         assert schema.category == "layer_diffuse"
         assert all(i.tooltip for i in schema.inputs), f"{node_id} has inputs without tooltips"
@@ -104,33 +113,10 @@ def test_too_large_an_output_is_an_error(pack):
 
 # --- upscale model ----------------------------------------------------------------------------------
 
-def compact_state_dict(channels: int = 3) -> dict:
-    """A real spandrel SRVGGNetCompact (2x) set to blur 3x3 and enlarge: a linear model that mixes
-    neighbours, so that straight colour would bleed into the edges. Features: 0..c-1 the blurred
-    image, c..2c-1 the image; the last convolution gives blur - image, and the network adds the
-    nearest-upscaled image."""
-    from spandrel.architectures.Compact import Compact
-
-    model = Compact(num_in_ch=channels, num_out_ch=channels, num_feat=2 * channels, num_conv=1, upscale=2)
-    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
-    for c in range(channels):
-        state["body.0.weight"][c, c] = 1 / 9
-        state["body.0.weight"][channels + c, c, 1, 1] = 1
-        state["body.2.weight"][c, c, 1, 1] = 1
-        state["body.2.weight"][channels + c, channels + c, 1, 1] = 1
-        for sub in range(4):
-            state["body.4.weight"][4 * c + sub, c, 1, 1] = 1
-            state["body.4.weight"][4 * c + sub, channels + c, 1, 1] = -1
-    for key in ("body.1.weight", "body.3.weight"):
-        state[key] = torch.ones_like(state[key])  # PReLU slope 1: the identity
-    return state
-
-
 @pytest.fixture()
 def load_upscale_model(pack, tmp_path, monkeypatch):
     """factory(channels) -> the model as core's Load Upscale Model gives it, from a file."""
     import folder_paths
-    from safetensors.torch import save_file
 
     from comfy_extras.nodes_upscale_model import UpscaleModelLoader
 
@@ -138,7 +124,7 @@ def load_upscale_model(pack, tmp_path, monkeypatch):
 
     def load(channels: int = 3):
         name = f"compact_blur_{channels}.safetensors"
-        save_file(compact_state_dict(channels), str(tmp_path / name))
+        write_compact_model(tmp_path / name, channels)
         return UpscaleModelLoader.execute(name).result[0]
 
     return load
@@ -231,11 +217,11 @@ def layer_images(batch: int = 1, size: tuple[int, int] = (24, 40)) -> dict:
             "blended": torch.rand(batch, height, width, 3, generator=generator)}
 
 
-def save_layers(pack, layered_format="PSD + OpenRaster", hidden=True, **images):
+def save_layers(pack, layered_format="PSD + OpenRaster", hidden=True, filename_prefix="layerdiffuse/layers", **images):
     cls = node(pack, SAVE)
     if hidden:
         cls = cls.PREPARE_CLASS_CLONE({"hidden_inputs": {"PROMPT": PROMPT, "EXTRA_PNGINFO": {"workflow": WORKFLOW}}})
-    return cls.execute(filename_prefix="layerdiffuse/layers", layered_format=layered_format, **images)
+    return cls.execute(filename_prefix=filename_prefix, layered_format=layered_format, **images)
 
 
 def rgba8(image: torch.Tensor) -> np.ndarray:
@@ -354,3 +340,236 @@ def test_layers_document_through_create_layered_image(pack, output_dir):
     assert [item["name"] for item in batch["layers"]] == [
         "background 1", "foreground 1", "blended 1", "background 2", "foreground 2", "blended 2"]
     assert [item["image"].shape for item in batch["layers"]] == [(1, 24, 40, 4)] * 6
+
+
+@pytest.mark.parametrize("prefix", ["../x", "layerdiffuse/../../x", "/tmp/layerdiffuse_escape/x"])
+def test_a_prefix_out_of_the_output_folder_is_refused(pack, output_dir, prefix):
+    errors = pack_module("lib_layerdiffuse.errors")
+    output_dir.mkdir()
+    with pytest.raises(errors.InputError, match="leads out of ComfyUI's output folder"):
+        save_layers(pack, filename_prefix=prefix, **layer_images())
+    assert not [p for p in output_dir.parent.rglob("*") if p.is_file()]
+    assert not any(p.suffix in (".png", ".psd", ".ora") for p in output_dir.parent.parent.glob("x*"))
+
+
+def test_nothing_or_both_connected_is_refused(pack, output_dir):
+    errors = pack_module("lib_layerdiffuse.errors")
+    with pytest.raises(errors.InputError, match="nothing to save"):
+        save_layers(pack)
+
+
+# --- transparent images from core's own nodes ------------------------------------------------------
+
+def load_image_source(tmp_path, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(IMAGE, MASK, visible colour) of an RGBA PNG of green discs read by core's Load Image."""
+    import folder_paths
+    import nodes as comfy_nodes
+
+    rgba = np.round(255 * green_discs(1)[0].numpy()).astype(np.uint8)
+    (tmp_path / "input").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "input" / "discs.png")
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    image, mask = comfy_nodes.LoadImage().load_image("discs.png")
+    assert image.shape == (1, 32, 32, 3) and mask.shape == (1, 32, 32)
+    return image, mask, torch.round(GREEN * 255) / 255
+
+
+def joined_source() -> tuple[torch.Tensor, None, torch.Tensor]:
+    """A 4-channel IMAGE from core's Join Image with Alpha (its alpha input is a MASK)."""
+    from comfy_extras.nodes_compositing import JoinImageWithAlpha
+
+    rgba = green_discs()
+    image = JoinImageWithAlpha.execute(image=rgba[..., :3], alpha=1.0 - rgba[..., 3]).result[0]
+    assert image.shape == (2, 32, 32, 4)
+    return image, None, GREEN
+
+
+def four_channel_vae():
+    """Core's VAE of the Wan 2.1 layout with 4 image channels (the RGBA layout of Qwen-Image's VAE:
+    ComfyUI reads the channel count from encoder.conv1.weight), from small random weights. Its
+    last convolution is set so that the decode is green wherever it is visible (alpha grows from 0
+    only where green is saturated) and runs through grey to magenta under the transparent pixels."""
+    import inspect
+
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    config = dict(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                  temperal_downsample=[False, True, True], image_channels=4)
+    if "conv_out_channels" in inspect.signature(WanVAE).parameters:  # ComfyUI 0.3x
+        config["conv_out_channels"] = 4
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, value in WanVAE(**config).state_dict().items():  # core's layers leave weights uninitialised
+        if key.endswith("gamma"):
+            state[key] = torch.ones_like(value)
+        elif key.endswith("weight"):
+            state[key] = 0.1 * torch.randn(value.shape, generator=generator)
+        else:
+            state[key] = torch.zeros_like(value)
+    head = state["decoder.head.2.weight"]
+    feature = head[0].clone()
+    state["decoder.head.2.weight"] = torch.stack([feature] * 4)
+    vae = comfy.sd.VAE(sd=state)
+    latent = torch.randn(1, 16, 1, 8, 8, generator=generator)
+    with torch.inference_mode():
+        spread = float(vae.first_stage_model.decode(latent)[:, 0].std())
+    # Decoded value x is shown as (x + 1) / 2: red and blue fall, green and alpha rise with the feature.
+    scale = 3.0 / spread
+    state["decoder.head.2.weight"] = torch.stack([-scale * feature, scale * feature, -scale * feature, scale * feature])
+    state["decoder.head.2.bias"] = torch.tensor([0.0, 0.0, 0.0, -2.0])
+    return comfy.sd.VAE(sd=state), latent
+
+
+def vae_source() -> tuple[torch.Tensor, None, torch.Tensor]:
+    """A 4-channel IMAGE from core's VAE Decode of a 4-channel VAE."""
+    import nodes as comfy_nodes
+
+    vae, latent = four_channel_vae()
+    assert vae.output_channels == 4
+    with torch.inference_mode():  # as ComfyUI runs a prompt
+        image = comfy_nodes.VAEDecode().decode(vae, {"samples": latent})[0]
+    assert image.shape == (1, 64, 64, 4)
+    visible = image[..., 3] > 0
+    assert 0.1 < float(visible.float().mean()) < 0.9 and 0 < float(((image[..., 3] > 0) & (image[..., 3] < 1)).sum())
+    assert float((image[..., :3] - torch.tensor([1.0, 0.0, 1.0])).abs().amax(-1).lt(0.01).float().mean()) > 0.05
+    return image, None, torch.tensor([0.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("source", ["Load Image", "Join Image with Alpha", "4-channel VAE"])
+@pytest.mark.parametrize("with_model", [False, True])
+def test_core_rgba_sources_upscale_and_save_without_fringe(pack, output_dir, tmp_path, monkeypatch,
+                                                           load_upscale_model, source, with_model):
+    import psd_tools
+
+    if source == "Load Image":
+        image, mask, colour = load_image_source(tmp_path, monkeypatch)
+    elif source == "Join Image with Alpha":
+        image, mask, colour = joined_source()
+    else:
+        image, mask, colour = vae_source()
+    optional = {"upscale_model": load_upscale_model()} if with_model else {}
+    if mask is not None:
+        optional["mask"] = mask
+    out = run_upscale(pack, image, **optional)
+    assert out.shape == (image.shape[0], 2 * image.shape[1], 2 * image.shape[2], 4)
+    # The test model's 3x3 blur is zero-padded: it darkens the image's own border (the VAE's
+    # pattern reaches it), which is no fringe; 2 output pixels are its reach.
+    inner = (slice(2, -2), slice(2, -2)) if with_model else (slice(None), slice(None))
+    for rgba in out:
+        assert fringe(rgba[inner], colour) < TOLERANCE
+    save_layers(pack, layered_format="PSD", foreground=out, background=torch.ones_like(out[..., :3]))
+    for i in range(out.shape[0]):
+        psd = psd_tools.PSDImage.open(output_dir / "layerdiffuse" / f"layers_{i + 1:05}_.psd")
+        assert psd.size == (out.shape[2], out.shape[1])
+        assert [layer.name for layer in psd] == ["background", "foreground"]
+        saved = torch.from_numpy(np.asarray(psd[1].topil(), dtype=np.float32) / 255)
+        torch.testing.assert_close(saved[..., 3], out[i, ..., 3], atol=1 / 255, rtol=0)
+        assert fringe(saved[inner], colour) <= 1 / 255
+
+
+# --- core's LAYERS (ComfyUI 0.31+) ------------------------------------------------------------------
+
+@pytest.fixture()
+def core_layers(pack):
+    from comfy_api.latest import io as comfy_io
+
+    if not hasattr(comfy_io, "Layers"):
+        assert UPSCALE_LAYERS not in pack.NODE_CLASS_MAPPINGS
+        assert "layers" not in [i.id for i in node(pack, SAVE).GET_SCHEMA().inputs]
+        pytest.skip("this ComfyUI has no LAYERS type (0.31+); the LAYERS inputs are absent, as checked")
+    from comfy_extras.nodes_compositor import AddLayer, ImageCompositor
+
+    return AddLayer, ImageCompositor
+
+
+def paper_and_disc(add_layer) -> dict:
+    """Core's Add Layer twice: an opaque grey 'paper' at the bottom, the green disc (RGB + MASK)
+    above it, placed at (8, 4) on the paper's 48x40 canvas."""
+    disc = green_discs(1)
+    paper = add_layer.execute(image=torch.full((1, 40, 48, 3), 0.5), name="paper").result[0]
+    return add_layer.execute(image=disc[..., :3], mask=1.0 - disc[..., 3], layers=paper, name="disc ✓",
+                             x=8, y=4).result[0]
+
+
+def upscale_layers(pack, layers, **options):
+    options = {"upscale_method": "lanczos", "scale_by": 2.0, **options}
+    return node(pack, UPSCALE_LAYERS).execute(layers=layers, **options).result[0]
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_core_layers_upscale_and_save_named_in_order_without_fringe(pack, output_dir, core_layers,
+                                                                   load_upscale_model, with_model):
+    import psd_tools
+
+    add_layer, compositor = core_layers
+    document = paper_and_disc(add_layer)
+    optional = {"upscale_model": load_upscale_model()} if with_model else {}
+    upscaled = upscale_layers(pack, document, **optional)
+    assert [(item["name"], item["x"], item["y"]) for item in upscaled["layers"]] == [("paper", 0, 0), ("disc ✓", 16, 8)]
+    assert [tuple(item["image"].shape) for item in upscaled["layers"]] == [(1, 80, 96, 4), (1, 64, 64, 4)]
+    assert "mask" not in upscaled["layers"][1] and fringe(upscaled["layers"][1]["image"][0]) < TOLERANCE
+    # Core's Create Layered Image takes the upscaled stack: the disc over the paper, twice the size.
+    composite = compositor.execute(layers=upscaled).result[0]
+    assert composite.shape == (1, 80, 96, 3)
+
+    result = save_layers(pack, layers=upscaled)
+    assert result.result[0] is upscaled
+    folder = output_dir / "layerdiffuse"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["layers_00001_01_paper.png", "layers_00001_02_disc _.png"]
+    psd = psd_tools.PSDImage.open(folder / "layers_00001_.psd")
+    assert psd.size == (96, 80) and [layer.name for layer in psd] == ["paper", "disc ✓"]
+    disc = torch.from_numpy(np.asarray(psd[1].topil(), dtype=np.float32) / 255)
+    assert disc.shape == (80, 96, 4) and not disc[:8, :, 3].any() and not disc[:, :16, 3].any()
+    torch.testing.assert_close(disc[8:72, 16:80, 3], upscaled["layers"][1]["image"][0, ..., 3], atol=1 / 255, rtol=0)
+    assert fringe(disc, torch.round(GREEN * 255) / 255) <= 1 / 255
+    with zipfile.ZipFile(folder / "layers_00001_.ora") as ora:
+        stack = ora.read("stack.xml").decode()
+    assert stack.index('name="disc ✓"') < stack.index('name="paper"')  # OpenRaster lists the top first
+
+
+def test_layers_placement_opacity_and_visibility_reach_the_file(pack, output_dir, core_layers):
+    import psd_tools
+
+    add_layer, _ = core_layers
+    red = torch.tensor([1.0, 0.0, 0.0]).expand(1, 4, 6, 3).contiguous()
+    document = add_layer.execute(image=red, name="small", x=-2, y=1, width=12, height=8, flip_h=True,
+                                 opacity=0.5).result[0]
+    document["canvas"] = (16, 10)
+    document = add_layer.execute(image=torch.rand(2, 10, 16, 3), layers=document, name="pair").result[0]
+    document["layers"][1]["visible"] = False
+    save_layers(pack, layered_format="PSD", layers=document)
+    psd = psd_tools.PSDImage.open(output_dir / "layerdiffuse" / "layers_00001_.psd")
+    assert psd.size == (16, 10)
+    assert [(layer.name, layer.visible, layer.opacity) for layer in psd] == [
+        ("small", True, 128), ("pair 1", False, 255), ("pair 2", False, 255)]
+    small = np.asarray(psd[0].topil())
+    assert small.shape == (10, 16, 4)
+    assert (small[1:9, :10, 3] == 255).all() and not small[0, :, 3].any() and not small[9, :, 3].any()
+    assert not small[:, 10:, 3].any()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"blend_mode": "multiply"}, "blend mode 'multiply'"),
+    ({"rotation": 0.3}, "rotated"),
+    ({"type": "text"}, "only raster layers"),
+])
+def test_layers_a_file_cannot_show_are_refused(pack, output_dir, core_layers, change, message):
+    errors = pack_module("lib_layerdiffuse.errors")
+    document = paper_and_disc(core_layers[0])
+    document["layers"][1].update(change)
+    with pytest.raises(errors.InputError, match=message):
+        save_layers(pack, layers=document)
+    assert not output_dir.exists() or not list(output_dir.rglob("*.*"))
+
+
+def test_layers_with_images_or_empty_are_refused(pack, output_dir, core_layers):
+    errors = pack_module("lib_layerdiffuse.errors")
+    document = paper_and_disc(core_layers[0])
+    with pytest.raises(errors.InputError, match="both layers and foreground"):
+        save_layers(pack, layers=document, foreground=layer_images()["foreground"])
+    with pytest.raises(errors.InputError, match="no layers"):
+        save_layers(pack, layers={"version": 1, "layers": []})
+    with pytest.raises(errors.InputError, match="over 16384"):
+        upscale_layers(pack, {**document, "layers": [{**document["layers"][0], "image": torch.zeros(1, 2100, 4, 3)}]},
+                       scale_by=8.0)

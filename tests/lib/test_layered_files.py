@@ -162,3 +162,40 @@ def test_ora_reads_back_with_zipfile_and_pillow():
         np.testing.assert_array_equal(np.asarray(merged), composite(layers))
         thumbnail = Image.open(io.BytesIO(ora.read("Thumbnails/thumbnail.png")))
         assert thumbnail.size == (171, 256)
+
+
+# --- placement and opacity --------------------------------------------------------------------------
+
+def test_place_on_canvas_resizes_premultiplied_flips_and_cuts():
+    import torch
+
+    from lib_layerdiffuse.layer_stack import place_on_canvas
+
+    rgb = torch.zeros(1, 3, 2, 4)
+    rgb[..., :2] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # red left half
+    rgb[..., 2:] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]  # blue right half, under alpha 0
+    alpha = torch.zeros(1, 1, 2, 4)
+    alpha[..., :2] = 1
+    _, exact = place_on_canvas(rgb, alpha, (5, 6), x=-1, y=2, size=(4, 8), flip_h=True, method="nearest-exact")
+    assert exact.shape == (1, 1, 5, 6) and not exact[..., :2, :].any()  # above the layer
+    # Flipped: the opaque half is now on the right, columns 4..7 of the layer = canvas 3..5 (cut at 6).
+    assert torch.equal(exact[0, 0, 2:, 3:], torch.ones(3, 3)) and not exact[..., :, :3].any()
+    out_rgb, out_alpha = place_on_canvas(rgb, alpha, (5, 6), x=-1, y=2, size=(4, 8), flip_h=True)
+    assert out_rgb.shape == (1, 3, 5, 6) and not out_alpha[..., :2, :].any()
+    shown = out_alpha[0, 0] > 0.5 / 255
+    assert float((out_rgb[0, :, shown] - torch.tensor([1.0, 0.0, 0.0])[:, None]).abs().max()) < 1e-5
+
+
+def test_opacity_reaches_psd_ora_and_the_composite():
+    background = np.zeros((2, 3, 4), dtype=np.uint8)
+    background[...] = (0, 0, 0, 255)
+    top = np.full((2, 3, 4), 255, dtype=np.uint8)
+    layers = [Layer("bg", background), Layer("half", top, opacity=0.5)]
+    np.testing.assert_array_equal(composite(layers)[0, 0], (128, 128, 128, 255))
+    psd = psd_tools.PSDImage.open(io.BytesIO(psd_bytes(layers)))
+    assert [(layer.name, layer.opacity) for layer in psd] == [("bg", 255), ("half", 128)]
+    with zipfile.ZipFile(io.BytesIO(ora_bytes(layers))) as ora:
+        stack = ElementTree.fromstring(ora.read("stack.xml"))
+    assert [(e.get("name"), e.get("opacity")) for e in stack.iter("layer")] == [("half", "0.500"), ("bg", "1.000")]
+    with pytest.raises(InputError, match="opacity"):
+        psd_bytes([Layer("bad", top, opacity=1.5)])

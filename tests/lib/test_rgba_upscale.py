@@ -184,3 +184,25 @@ def test_model_sees_colour_and_alpha_in_one_batch():
     assert seen == [(4, 3, 32, 32)]
     torch.testing.assert_close(out_alpha, nearest_2x(alpha))
     torch.testing.assert_close(out_rgb[1:], nearest_2x(rgb[1:]))  # opaque: the model's output as it is
+
+
+def test_opaque_images_stay_opaque_and_only_colour_is_run():
+    rgb = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def zero_padded_blur(x):  # darkens the border, as a model's zero padding can
+        seen.append(x.shape)
+        return F.avg_pool2d(nearest_2x(x), 3, stride=1, padding=1, count_include_pad=True)
+
+    out_rgb, out_alpha = upscale_rgba_with_model(rgb, torch.ones(2, 1, 16, 16), zero_padded_blur, 32, 32, "lanczos")
+    assert seen == [(2, 3, 16, 16)]
+    assert torch.equal(out_alpha, torch.ones(2, 1, 32, 32))
+    torch.testing.assert_close(out_rgb, zero_padded_blur(rgb).clamp(0, 1))
+
+
+@pytest.mark.parametrize("method", ["lanczos", "bicubic", "area"])
+def test_resampled_opaque_images_stay_exactly_opaque(method):
+    rgb = torch.rand(1, 3, 6, 4, generator=torch.Generator().manual_seed(1))
+    out_rgb, out_alpha = resize_rgba(rgb, torch.ones(1, 1, 6, 4), 8, 12, method)
+    assert torch.equal(out_alpha, torch.ones(1, 1, 8, 12))
+    torch.testing.assert_close(out_rgb, resample(rgb, 8, 12, method).clamp(0, 1))

@@ -10,15 +10,61 @@ import pytest
 
 from lib_layerdiffuse.weight_files import OFFICIAL_REPO, WEIGHT_FILES
 from support.paths import PACK_ROOT, WORKFLOW_DIR
-from support.workflows import APPLY_NODE_IDS, DECODERS, api_workflow_names, load_ui, node_types, ui_workflow_names
+from support.workflow_runs import at_size, size_nodes
+from support.workflows import (
+    APPLY_NODE_IDS,
+    DECODERS,
+    api_workflow_names,
+    load_api,
+    load_ui,
+    node_types,
+    ui_workflow_names,
+)
 
 UI_NAMES = ui_workflow_names()
-LAYER_DIFFUSE_NAMES = [n for n in UI_NAMES if not n.startswith("flux_")]
+LAYER_DIFFUSE_NAMES = [n for n in UI_NAMES if n.startswith(("sd15_", "sdxl_"))]
+# Workflows for any RGBA image (no generation).
+TOOL_NAMES = ["layers_upscale_and_save", "rgba_upscale_with_model"]
 
 
 def test_every_ui_workflow_has_an_api_twin():
     assert UI_NAMES == api_workflow_names()
     assert len(LAYER_DIFFUSE_NAMES) >= 14
+    assert set(UI_NAMES) == set(LAYER_DIFFUSE_NAMES) | {n for n in UI_NAMES if n.startswith("flux_")} | set(TOOL_NAMES)
+
+
+@pytest.mark.parametrize("name", UI_NAMES)
+def test_the_size_is_set_in_one_place(name):
+    """One node sets width and height; every other size is linked to it (Get Image Size) or
+    follows a factor, or the input images give the size. Changing that one place changes them all."""
+    prompt = load_api(name)
+    assert len(size_nodes(prompt)) <= 1, size_nodes(prompt)
+    changed = at_size(load_api(name), (96, 64))
+    assert len(size_nodes(changed)) <= 1
+    literal = [(k, node["inputs"][k]) for node in changed.values() for k in ("width", "height")
+               if isinstance(node["inputs"].get(k), int) and node["inputs"][k] > 0]
+    assert sorted(literal) in ([], [("height", 64), ("width", 96)])
+    # The UI file likewise: the width widgets not fed by a link, above 0.
+    width_widget = {"EmptyLatentImage": 0, "EmptySD3LatentImage": 0, "ImageScale": 1, "LayeredDiffusionUpscaleRGBA": 2}
+    graph = load_ui(name)
+    set_here = [n for n in graph["nodes"] if n["type"] in width_widget and n["widgets_values"][width_widget[n["type"]]] > 0
+                and not any(s["name"] == "width" and s.get("link") is not None for s in n.get("inputs", []))]
+    assert len(set_here) <= 1, [n["id"] for n in set_here]
+
+
+@pytest.mark.parametrize("name", TOOL_NAMES)
+def test_tool_workflow_conventions(name):
+    """Notes with the size, batch, files and memory, the RGBA result saved as a layered file, a
+    thumbnail; models with their download links."""
+    graph = load_ui(name)
+    text = "\n".join(n["widgets_values"][0] for n in graph["nodes"] if n["type"] in ("Note", "MarkdownNote"))
+    assert "Size" in text and "Batch" in text and "Files" in text and "Memory" in text
+    for model in graph.get("models", []):
+        assert model["url"].startswith("https://huggingface.co/") and model["url"].endswith(model["name"])
+        assert model["name"] in text
+    saves = [n for n in graph["nodes"] if n["type"] == "LayeredDiffusionSaveLayers"]
+    assert saves and all(any(s["link"] is not None for s in n["inputs"]) for n in saves)
+    assert (WORKFLOW_DIR / f"{name}.jpg").is_file(), "no thumbnail for the template browser"
 
 
 def test_every_generation_mode_has_a_workflow():

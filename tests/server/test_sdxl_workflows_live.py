@@ -13,11 +13,12 @@ import torch
 from support.environment import find_comfyui, unavailable
 from support.server import ComfyServer, ServerError, link_into, make_base, start
 from support.synth import manifest, synthetic_file, synthweights
-from support.workflow_runs import assert_saved_as_expected, tiny, write_inputs
+from support.workflow_runs import assert_saved_as_expected, at_size, tiny, write_inputs
 from support.workflows import api_workflow_names, load_api, node_types, require_registered
 
 SDXL_RUNS = [n for n in api_workflow_names() if n.startswith("sdxl_")]
 CHECKPOINT = "sdxl_synthetic.safetensors"
+CHANGED_SIZE = (96, 64)  # width, height, as in test_workflows_live.py
 PATCH_FILES = ("layer_xl_transparent_attn", "layer_xl_transparent_conv", "layer_xl_fg2ble", "layer_xl_bg2ble",
                "layer_xl_fgble2bg", "layer_xl_bgble2fg")
 # Which entries of each official layout the reduced files keep (the input conv, which the layer
@@ -50,6 +51,7 @@ def sdxl_server(comfy_server, tmp_path_factory) -> ComfyServer:
     for stem in PATCH_FILES:
         reduced_patch_file(stem, base / "models" / "layer_model")
     write_inputs(base / "input")
+    write_inputs(base / "input", CHANGED_SIZE)
     try:
         server = start(comfy, base, ["--fp16-unet", "--fp16-text-enc"])
     except ServerError as error:
@@ -69,3 +71,12 @@ def test_sdxl_api_workflow_runs_end_to_end(sdxl_server, name):
     entry = sdxl_server.run(tiny(prompt, CHECKPOINT), timeout_s=1200)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     assert_saved_as_expected(sdxl_server, prompt, entry)
+
+
+@pytest.mark.parametrize("name", SDXL_RUNS)
+def test_sdxl_api_workflow_runs_at_a_changed_size(sdxl_server, name):
+    """The size changed in its one place (or the input images') is the size of every output."""
+    prompt = at_size(tiny(load_api(name), CHECKPOINT), CHANGED_SIZE)
+    entry = sdxl_server.run(prompt, timeout_s=1200)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_saved_as_expected(sdxl_server, prompt, entry, made_at=CHANGED_SIZE)

@@ -17,7 +17,8 @@ from PIL import Image
 from support.paths import PACK_ROOT
 from support.server import link_into
 from support.synth import synthetic_file
-from support.workflow_runs import assert_saved_as_expected, tiny, write_inputs
+from support.upscale_models import write_compact_model
+from support.workflow_runs import UPSCALE_MODEL, assert_saved_as_expected, at_size, tiny, write_inputs
 from support.workflows import (
     FOREIGN_NODES,
     api_workflow_names,
@@ -31,6 +32,7 @@ from support.workflows import (
     node_types,
     pack_node_ids,
     require_registered,
+    skip_where_the_host_lacks_layers,
     ui_to_api,
     ui_workflow_names,
 )
@@ -55,12 +57,14 @@ def object_info(comfy_server) -> dict:
 @pytest.mark.parametrize("name", UI_NAMES)
 def test_ui_workflow_fits_the_live_object_info(object_info, name):
     graph = load_ui(name)
+    skip_where_the_host_lacks_layers(name, object_info)
     require_registered(object_info, node_types(graph))
     assert check_ui(graph, object_info) == []
 
 
 @pytest.mark.parametrize("name", API_NAMES)
 def test_api_workflow_fits_the_live_object_info(object_info, name):
+    skip_where_the_host_lacks_layers(name, object_info)
     prompt = load_api(name)
     require_registered(object_info, node_types(prompt))
     assert check_api(prompt, object_info) == []
@@ -68,6 +72,7 @@ def test_api_workflow_fits_the_live_object_info(object_info, name):
 
 @pytest.mark.parametrize("name", UI_NAMES)
 def test_api_twin_is_the_ui_workflow_converted(object_info, name):
+    skip_where_the_host_lacks_layers(name, object_info)
     graph = load_ui(name)
     require_registered(object_info, node_types(graph))
     converted, shipped = ui_to_api(graph, object_info), load_api(name)
@@ -127,9 +132,13 @@ def test_the_locale_names_every_node(comfy_server, object_info):
     for node_id in registered:
         # The locale is written on a ComfyUI with every output type; an older host lacks some
         # (LAYERS before 0.3x), and the node leaves those outputs out there.
+        # Inputs likewise (the LAYERS input of Save Layers).
         outputs = {k: v for k, v in node_defs[node_id].get("outputs", {}).items()
                    if int(k) < len(object_info[node_id]["output"])}
-        entry = {k: v for k, v in node_defs[node_id].items() if k != "outputs"} | ({"outputs": outputs} if outputs else {})
+        inputs = {k: v for k, v in node_defs[node_id].get("inputs", {}).items()
+                  if k in expected[node_id].get("inputs", {})}
+        entry = {k: v for k, v in node_defs[node_id].items() if k not in ("inputs", "outputs")}
+        entry |= ({"inputs": inputs} if inputs else {}) | ({"outputs": outputs} if outputs else {})
         assert entry == expected[node_id], (
             f"locales/en/nodeDefs.json is out of date for {node_id}; rewrite it with "
             "`python tests/support/workflows.py --server <a running ComfyUI with the pack> --locale`")
@@ -165,7 +174,9 @@ def test_a_clone_installed_in_custom_nodes_is_a_working_pack(comfyui_path, objec
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["ok"], result.stderr[-3000:]
-    assert set(loaded["nodes"]) == pack_node_ids()
+    # Upscale Layers (RGBA) exists only where the host has core's LAYERS type.
+    layers_host = any("LAYERS" in node.get("output", []) for node in object_info.values())
+    assert set(loaded["nodes"]) == pack_node_ids() - (set() if layers_host else {"LayeredDiffusionUpscaleLayers"})
     registered = {k for k, v in object_info.items() if v.get("python_module", "").endswith("." + PACK_ROOT.name)}
     assert registered == set(loaded["nodes"])
 
@@ -174,11 +185,17 @@ def test_a_clone_installed_in_custom_nodes_is_a_working_pack(comfyui_path, objec
 
 SD15_LAYER_FILES = ("layer_sd15_transparent_attn", "layer_sd15_joint", "layer_sd15_fg2bg", "layer_sd15_bg2fg")
 SD15_RUNS = [n for n in API_NAMES if n.startswith("sd15_")]
+# Workflows of any RGBA image, no checkpoint.
+TOOL_RUNS = ["rgba_upscale_with_model", "layers_upscale_and_save"]
+# A size other than the shipped and the tiny one, not square: width, height.
+CHANGED_SIZE = (96, 64)
 
 
 @pytest.fixture(scope="module")
 def sd15_workflow_files(comfy_server) -> None:
     write_inputs(comfy_server.base / "input")
+    write_inputs(comfy_server.base / "input", CHANGED_SIZE)
+    write_compact_model(comfy_server.base / "models" / "upscale_models" / UPSCALE_MODEL)
     for stem in SD15_LAYER_FILES:
         link_into(comfy_server.base, "layer_model", synthetic_file(stem))
 
@@ -190,6 +207,33 @@ def test_sd15_api_workflow_runs_end_to_end(comfy_server, object_info, sd15_workf
     entry = comfy_server.run(tiny(prompt, "sd15_synthetic.safetensors"))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     assert_saved_as_expected(comfy_server, prompt, entry)
+
+
+def test_every_api_workflow_is_run_here_or_in_the_sdxl_and_flux_tests():
+    assert set(API_NAMES) == {n for n in API_NAMES if n.startswith(("sdxl_", "flux_"))} | set(SD15_RUNS) | set(TOOL_RUNS)
+
+
+@pytest.mark.parametrize("name", TOOL_RUNS)
+def test_tool_api_workflow_runs_end_to_end(comfy_server, object_info, sd15_workflow_files, name):
+    skip_where_the_host_lacks_layers(name, object_info)
+    prompt = load_api(name)
+    require_registered(object_info, node_types(prompt))
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_saved_as_expected(comfy_server, prompt, entry)
+
+
+@pytest.mark.parametrize("name", SD15_RUNS + TOOL_RUNS)
+def test_api_workflow_runs_at_a_changed_size(comfy_server, object_info, sd15_workflow_files, name):
+    """The size set in its one place (or the input images' size) is the size of every output."""
+    skip_where_the_host_lacks_layers(name, object_info)
+    prompt = load_api(name)
+    if name in SD15_RUNS:
+        prompt = tiny(prompt, "sd15_synthetic.safetensors")
+    prompt = at_size(prompt, CHANGED_SIZE)
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_saved_as_expected(comfy_server, prompt, entry, made_at=CHANGED_SIZE)
 
 
 def _repository_files() -> list[str]:

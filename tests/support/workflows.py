@@ -32,7 +32,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Widgets the frontend adds after an input and does not send to the server.
 EXTRA_WIDGETS = {"control_after_generate": "control_after_generate", "image_upload": "upload"}
 # Inputs whose valid values depend on the user's files, not on the node definition.
-FILE_INPUTS = {"ckpt_name", "image", "unet_name", "clip_name1", "clip_name2", "vae_name", "lora_name"}
+FILE_INPUTS = {"ckpt_name", "image", "unet_name", "clip_name1", "clip_name2", "vae_name", "lora_name", "model_name"}
 
 
 # Nodes of other packs that the peer's examples use; not ours to provide.
@@ -41,6 +41,25 @@ APPLY_NODE_IDS = ("LayeredDiffusionApply", "LayeredDiffusionJointApply", "Layere
                   "LayeredDiffusionCondJointApply", "LayeredDiffusionDiffApply")
 # Nodes whose first output is an RGBA image.
 DECODERS = {"LayeredDiffusionDecodeRGBA", "LayeredDiffusionDecodeSplit", "LayeredDiffusionFluxDecode"}
+
+
+# Workflows built on core nodes that older hosts lack: name -> the nodes (core's and ours) that
+# exist only where ComfyUI has the LAYERS type (0.31+).
+LAYERS_WORKFLOWS = {"layers_upscale_and_save": {"AddLayer", "LayeredDiffusionUpscaleLayers"}}
+
+
+def skip_where_the_host_lacks_layers(name: str, info: dict) -> None:
+    """Skip a LAYERS workflow on a host without the LAYERS type, after checking that this is the
+    only reason: the nodes it lacks are the LAYERS ones, and no node at all has a LAYERS output."""
+    import pytest
+
+    missing = {t for t in node_types(load_ui(name)) if t not in info}
+    if name not in LAYERS_WORKFLOWS or not missing:
+        return
+    assert missing <= LAYERS_WORKFLOWS[name], f"{name}: {sorted(missing)} not on the server"
+    assert not any("LAYERS" in node.get("output", []) for node in info.values()), \
+        f"{name}: the host has the LAYERS type but not {sorted(missing)}"
+    pytest.skip(f"{name} needs core's LAYERS nodes (ComfyUI 0.31+); this host has none")
 
 
 def ui_workflow_names() -> list[str]:
