@@ -578,8 +578,8 @@ class BatchRun:
     no more, so the others run them; a job that fails on a server that answers (rejected, execution
     error, timeout) is not retried."""
 
-    def __init__(self, jobs: list[Job], args: argparse.Namespace, log: Callable[[str], None]):
-        self.args, self.log = args, log
+    def __init__(self, jobs: list[Job], args: argparse.Namespace):
+        self.args = args
         self.outcomes: dict[str, Outcome] = {}
         for job in jobs:
             if os.path.isdir(os.path.join(args.output_dir, job.id)):
@@ -655,7 +655,7 @@ class BatchRun:
 async def run_batch(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     jobs = read_jobs(args.jobs, args)
     os.makedirs(args.output_dir, exist_ok=True)
-    batch = BatchRun(jobs, args, log)
+    batch = BatchRun(jobs, args)
     try:
         if batch.pending:
             async with aiohttp.ClientSession() as session:
