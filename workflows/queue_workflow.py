@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Queue an API-format workflow on a running ComfyUI, follow it, and download its images.
+"""Queue API-format workflows on running ComfyUI servers, follow them, and download their images.
 
-Standard library only, so it runs with any Python 3.9+ (no need for ComfyUI's environment):
+Run it with ComfyUI's Python (it needs aiohttp and tqdm, which every ComfyUI environment has).
+One job:
 
     python workflows/queue_workflow.py workflows/api/sd15_transparent_fg_attn.json \\
         --server http://127.0.0.1:8188 --prompt "a glass bottle" --seed 7 --width 512 --height 512 \\
@@ -11,28 +12,41 @@ Progress comes over ComfyUI's websocket (/ws); when that is not available the sc
 /history. Exit status: 0 done, 1 bad arguments or workflow file, 2 server unreachable,
 3 workflow rejected by the server (missing node, bad value), 4 execution error or interrupted,
 5 timed out.
+
+A batch (--jobs FILE, one JSON object a line) runs on every --server given, each server's queue
+working through its share; each job's images land in OUTPUT_DIR/<job id>/, and a job whose
+folder exists is skipped, so the same command resumes an interrupted run. Exit status: 0 every
+job done or skipped, 1 bad arguments or jobs file, 2 no server reachable, 4 a job failed (the
+summary says why).
 """
 from __future__ import annotations
 
 import argparse
-import base64
+import asyncio
+import copy
+import dataclasses
 import hashlib
 import json
 import os
-import socket
-import ssl
-import struct
+import re
+import shutil
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from typing import Any, Callable, Iterable, Optional
 
+try:
+    import aiohttp
+    from tqdm import tqdm
+except ImportError as missing:
+    sys.exit(f"queue_workflow.py needs {missing.name}, which ComfyUI installs: run it with the Python that runs "
+             "ComfyUI's main.py (or `pip install aiohttp tqdm`)")
+
 EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
 # Outside any checkout, so that running the client from the pack's folder leaves no files in it.
 DEFAULT_OUTPUT_DIR = os.path.join(os.path.expanduser("~"), "layerdiffuse_output")
+DEFAULT_SERVER = "http://127.0.0.1:8188"
 
 # Nodes whose latent batch must be a multiple of the frames they generate together.
 FRAMES_PER_IMAGE = {"LayeredDiffusionJointApply": 3, "LayeredDiffusionCondJointApply": 2}
@@ -218,232 +232,118 @@ def apply_overrides(workflow: dict, *, prompt: Optional[str] = None, negative: O
     return changes
 
 
-# --- a minimal websocket client (RFC 6455), enough for ComfyUI's /ws ----------------------------------
-
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class WebSocket:
-    def __init__(self, url: str, timeout: float):
-        parts = urllib.parse.urlsplit(url)
-        secure = parts.scheme == "wss"
-        port = parts.port or (443 if secure else 80)
-        sock = socket.create_connection((parts.hostname, port), timeout=timeout)
-        if secure:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-        self.sock, self.buffer = sock, b""
-        self.message, self.text = b"", True
-        key = base64.b64encode(os.urandom(16)).decode()
-        path = parts.path + ("?" + parts.query if parts.query else "")
-        request = (f"GET {path} HTTP/1.1\r\nHost: {parts.hostname}:{port}\r\nUpgrade: websocket\r\n"
-                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        sock.sendall(request.encode())
-        while b"\r\n\r\n" not in self.buffer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("the server closed the connection during the websocket handshake")
-            self.buffer += chunk
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        if " 101 " not in lines[0] + " " or headers.get("sec-websocket-accept") != accept:
-            raise ConnectionError(f"websocket handshake refused: {lines[0]}")
-
-    @staticmethod
-    def _parse(data: bytes) -> Optional[tuple[int, bool, bytes, int]]:
-        """(opcode, final, payload, bytes used) of the frame at the start of `data`, or None
-        while it is incomplete."""
-        if len(data) < 2:
-            return None
-        length, pos = data[1] & 0x7F, 2
-        if length in (126, 127):
-            size = 2 if length == 126 else 8
-            if len(data) < pos + size:
-                return None
-            length, pos = int.from_bytes(data[pos:pos + size], "big"), pos + size
-        mask = None
-        if data[1] & 0x80:
-            if len(data) < pos + 4:
-                return None
-            mask, pos = data[pos:pos + 4], pos + 4
-        if len(data) < pos + length:
-            return None
-        payload = data[pos:pos + length]
-        if mask:
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        return data[0] & 0x0F, bool(data[0] & 0x80), payload, pos + length
-
-    def _next_frame(self) -> tuple[int, bool, bytes]:
-        # A socket timeout leaves the buffer as it was, so a frame split across reads survives it.
-        while True:
-            frame = self._parse(self.buffer)
-            if frame is not None:
-                opcode, final, payload, used = frame
-                self.buffer = self.buffer[used:]
-                return opcode, final, payload
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the websocket was closed")
-            self.buffer += chunk
-
-    def _send(self, opcode: int, payload: bytes = b"") -> None:
-        mask = os.urandom(4)
-        header = bytes([0x80 | opcode])
-        if len(payload) < 126:
-            header += bytes([0x80 | len(payload)])
-        elif len(payload) < 1 << 16:
-            header += bytes([0x80 | 126]) + struct.pack(">H", len(payload))
-        else:
-            header += bytes([0x80 | 127]) + struct.pack(">Q", len(payload))
-        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-
-    def receive(self) -> Optional[str]:
-        """The next text message; None for a binary one (image previews). socket.timeout when
-        nothing arrives in time, ConnectionError when the socket closes."""
-        while True:
-            opcode, final, payload = self._next_frame()
-            if opcode == 0x8:
-                raise ConnectionError("the server closed the websocket")
-            if opcode == 0x9:
-                self._send(0xA, payload)
-                continue
-            if opcode == 0xA:
-                continue
-            if opcode in (0x1, 0x2):
-                self.message, self.text = payload, opcode == 0x1
-            else:  # continuation of a fragmented message
-                self.message += payload
-            if final:
-                message, self.message = self.message, b""
-                return message.decode("utf-8") if self.text else None
-
-    def close(self) -> None:
-        try:
-            self._send(0x8)
-        except OSError:
-            pass
-        self.sock.close()
-
-
 # --- talking to ComfyUI -----------------------------------------------------------------------------
 
+Report = Callable[[dict, Optional[str]], bool]
+
+
 class ComfyClient:
-    def __init__(self, server: str, log: Callable[[str], None] = print, request_timeout: float = 30):
+    """One ComfyUI server, over an aiohttp session."""
+
+    def __init__(self, server: str, session: aiohttp.ClientSession, log: Callable[[str], None] = print,
+                 request_timeout: float = 30):
         self.server = server.rstrip("/")
         if not self.server.startswith(("http://", "https://")):
             self.server = "http://" + self.server
-        self.log, self.request_timeout = log, request_timeout
-        self.client_id = uuid.uuid4().hex
+        self.session, self.log = session, log
+        self.request_timeout = aiohttp.ClientTimeout(total=request_timeout)
 
     def _unreachable(self, error: Exception) -> ClientError:
-        reason = getattr(error, "reason", error)
+        reason = error if str(error) else f"no answer within {self.request_timeout.total:.0f} s"
         return ClientError(f"cannot reach ComfyUI at {self.server} ({reason}). Is it running? Start it with "
                            "`python main.py` (add --listen/--port to match) or pass the right --server.",
                            EXIT_UNREACHABLE)
 
-    def request(self, path: str, payload: Optional[dict] = None) -> tuple[int, bytes]:
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(self.server + path, data=data,
-                                         headers={"Content-Type": "application/json"} if data else {})
+    async def request(self, path: str, payload: Optional[dict] = None) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-        except (urllib.error.URLError, OSError) as error:
+            async with self.session.request("GET" if payload is None else "POST", self.server + path, json=payload,
+                                            timeout=self.request_timeout) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             raise self._unreachable(error) from error
 
-    def get_json(self, path: str) -> Any:
-        status, body = self.request(path)
+    async def get_json(self, path: str) -> Any:
+        status, body = await self.request(path)
         if status != 200:
             raise ClientError(f"GET {path} answered HTTP {status}: {body[:300]!r}", EXIT_FAILED)
         return json.loads(body)
 
-    def check_server(self) -> dict:
+    async def check_server(self) -> dict:
         try:
-            return self.get_json("/system_stats")
+            return await self.get_json("/system_stats")
         except (ClientError, ValueError) as error:
             if isinstance(error, ClientError) and error.exit_code == EXIT_UNREACHABLE:
                 raise
             raise ClientError(f"{self.server} does not answer like ComfyUI (/system_stats: {error})",
                               EXIT_UNREACHABLE) from error
 
-    def queue(self, workflow: dict, downloads: Optional[dict] = None) -> str:
-        status, body = self.request("/prompt", {"prompt": workflow, "client_id": self.client_id})
+    async def queue(self, workflow: dict, client_id: str, downloads: Optional[dict] = None) -> str:
+        status, body = await self.request("/prompt", {"prompt": workflow, "client_id": client_id})
         try:
             answer = json.loads(body or b"{}")
         except ValueError:
             answer = {}
         if status == 200 and "prompt_id" in answer:
             return answer["prompt_id"]
-        raise ClientError(describe_rejection(status, answer, workflow, body, self.unknown_node_types(workflow),
+        raise ClientError(describe_rejection(status, answer, workflow, body, await self.unknown_node_types(workflow),
                                              downloads or {}), EXIT_REJECTED)
 
-    def unknown_node_types(self, workflow: dict) -> list[str]:
+    async def unknown_node_types(self, workflow: dict) -> list[str]:
         """The workflow's node types this server does not have (newer servers name only the first)."""
         try:
-            known = self.get_json("/object_info")
+            known = await self.get_json("/object_info")
         except (ClientError, ValueError):
             return []
         return sorted({node["class_type"] for node in workflow.values()} - set(known))
 
-    def open_websocket(self) -> Optional[WebSocket]:
+    async def open_websocket(self, client_id: str) -> Optional[aiohttp.ClientWebSocketResponse]:
         parts = urllib.parse.urlsplit(self.server)
         scheme = "wss" if parts.scheme == "https" else "ws"
         try:
-            return WebSocket(f"{scheme}://{parts.netloc}/ws?clientId={self.client_id}", timeout=self.request_timeout)
-        except (OSError, ConnectionError) as error:
+            return await self.session.ws_connect(f"{scheme}://{parts.netloc}/ws?clientId={client_id}", max_msg_size=0)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             self.log(f"(no websocket: {error}; following the prompt through /history)")
             return None
 
-    def history(self, prompt_id: str) -> Optional[dict]:
-        return self.get_json(f"/history/{prompt_id}").get(prompt_id)
+    async def history(self, prompt_id: str) -> Optional[dict]:
+        return (await self.get_json(f"/history/{prompt_id}")).get(prompt_id)
 
-    def wait(self, prompt_id: str, websocket: Optional[WebSocket], timeout: float) -> dict:
-        """The prompt's /history entry once it has finished (with or without error)."""
-        deadline = time.monotonic() + timeout
-        if websocket is not None:
-            websocket.sock.settimeout(1.0)
-        last_poll, finished = 0.0, False
-        while time.monotonic() < deadline:
+    async def run(self, workflow: dict, timeout: float, report: Report, downloads: Optional[dict] = None) -> dict:
+        """Queue `workflow` and follow it; returns its /history entry once it has finished (with or
+        without error). Each run has its own client id, so its websocket carries only its own
+        prompt's messages; `report(message, prompt_id)` sees each and says when the prompt ended."""
+        client_id = uuid.uuid4().hex
+        websocket = await self.open_websocket(client_id)
+        ended, prompt_ids = asyncio.Event(), []
+        listener = asyncio.create_task(_listen(websocket, report, prompt_ids, ended)) if websocket else None
+        try:
+            prompt_id = await self.queue(workflow, client_id, downloads)
+            prompt_ids.append(prompt_id)
+            self.log(f"queued prompt {prompt_id} on {self.server}")
+            return await self._wait(prompt_id, ended, timeout)
+        finally:
+            if listener is not None:
+                listener.cancel()
             if websocket is not None:
-                try:
-                    text = websocket.receive()
-                    if text is not None:
-                        finished = self._report(json.loads(text), prompt_id)
-                except socket.timeout:
-                    pass
-                except (ConnectionError, OSError, ValueError):
-                    websocket = None
-            else:
-                time.sleep(0.5)
-            if finished or time.monotonic() - last_poll >= 1.0:
-                last_poll = time.monotonic()
-                entry = self.history(prompt_id)
-                if entry is not None:  # /history lists a prompt once it has finished
-                    return entry
+                await websocket.close()
+
+    async def _wait(self, prompt_id: str, ended: asyncio.Event, timeout: float) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:  # the websocket's word that the prompt ended, else a look at /history each second
+                await asyncio.wait_for(ended.wait(), min(1.0, max(deadline - loop.time(), 0.01)))
+            except asyncio.TimeoutError:
+                pass
+            entry = await self.history(prompt_id)
+            if entry is not None:  # /history lists a prompt once it has finished
+                return entry
+            if ended.is_set():  # ended, but not yet written to the history
+                await asyncio.sleep(0.1)
         raise ClientError(f"prompt {prompt_id} did not finish within {timeout:.0f} s; it is still in ComfyUI's queue "
                           "(cancel it there, or rerun with a larger --timeout)", EXIT_TIMEOUT)
 
-    def _report(self, message: dict, prompt_id: str) -> bool:
-        """Log a websocket message about our prompt; True when it says the prompt has ended."""
-        kind, data = message.get("type"), message.get("data") or {}
-        if data.get("prompt_id") not in (None, prompt_id):
-            return False
-        if kind in ("execution_success", "execution_error", "execution_interrupted"):
-            return data.get("prompt_id") == prompt_id
-        if kind == "execution_start":
-            self.log("started")
-        elif kind == "executing" and data.get("node") is not None:
-            self.log(f"running node {data['node']}")
-        elif kind == "progress":
-            self.log(f"  node {data.get('node')}: {data.get('value')}/{data.get('max')}")
-        elif kind == "execution_cached" and data.get("nodes"):
-            self.log(f"cached: {', '.join(map(str, data['nodes']))}")
-        return False
-
-    def download(self, entry: dict, output_dir: str, previews: bool = False) -> list[str]:
+    async def download(self, entry: dict, output_dir: str, previews: bool = False) -> list[str]:
         os.makedirs(output_dir, exist_ok=True)
         saved = []
         for node_id, output in entry.get("outputs", {}).items():
@@ -452,7 +352,7 @@ class ComfyClient:
                     continue
                 query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
                                                 "type": image.get("type", "output")})
-                status, body = self.request(f"/view?{query}")
+                status, body = await self.request(f"/view?{query}")
                 if status != 200:
                     raise ClientError(f"could not download {image['filename']} (HTTP {status})", EXIT_FAILED)
                 target = os.path.join(output_dir, os.path.basename(image["filename"]))
@@ -460,6 +360,41 @@ class ComfyClient:
                     handle.write(body)
                 saved.append(target)
         return saved
+
+
+async def _listen(websocket: aiohttp.ClientWebSocketResponse, report: Report, prompt_ids: list, ended: asyncio.Event):
+    """Hand each text message to `report` until the socket closes (a server that goes away is
+    then noticed by the next /history request)."""
+    async for message in websocket:
+        if message.type != aiohttp.WSMsgType.TEXT:
+            continue  # binary: an image preview
+        try:
+            data = json.loads(message.data)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and report(data, prompt_ids[0] if prompt_ids else None):
+            ended.set()
+
+
+PROMPT_ENDS = ("execution_success", "execution_error", "execution_interrupted")
+
+
+def progress_line(message: dict, prompt_id: Optional[str]) -> tuple[bool, Optional[str]]:
+    """(whether the message says the prompt ended, the line to log for it or None)."""
+    kind, data = message.get("type"), message.get("data") or {}
+    if data.get("prompt_id") not in (None, prompt_id) and prompt_id is not None:
+        return False, None
+    if kind in PROMPT_ENDS:
+        return True, None
+    if kind == "execution_start":
+        return False, "started"
+    if kind == "executing" and data.get("node") is not None:
+        return False, f"running node {data['node']}"
+    if kind == "progress":
+        return False, f"  node {data.get('node')}: {data.get('value')}/{data.get('max')}"
+    if kind == "execution_cached" and data.get("nodes"):
+        return False, f"cached: {', '.join(map(str, data['nodes']))}"
+    return False, None
 
 
 def describe_rejection(status: int, answer: dict, workflow: dict, body: bytes, unknown_types: Iterable[str] = (),
@@ -512,13 +447,257 @@ def describe_failure(entry: dict) -> str:
     return f"execution did not succeed (status: {entry.get('status', {}).get('status_str')})"
 
 
+# --- batches: a file of jobs over several servers -----------------------------------------------------
+
+# Value types of a jobs-file line's keys; "set" holds NODE.INPUT=VALUE strings or {"NODE.INPUT": value}.
+JOB_KEYS = {"id": str, "workflow": str, "prompt": str, "negative": str, "seed": int, "width": int, "height": int,
+            "batch": int, "set": (list, dict)}
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Prompts each server holds at once: one running, one waiting in its queue for when it ends.
+JOBS_PER_SERVER = 2
+
+
+@dataclasses.dataclass
+class Job:
+    line: int
+    id: str
+    workflow_path: str
+    workflow: dict
+    spec: dict
+
+
+@dataclasses.dataclass
+class Outcome:
+    job: Job
+    state: str  # "done", "failed" or "skipped"
+    detail: str = ""  # done: the server; failed: why
+
+
+def _job_sets(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [f"{target}={json.dumps(setting)}" for target, setting in value.items()]
+    if not all(isinstance(item, str) for item in value):
+        raise ClientError('"set" holds "NODE.INPUT=VALUE" strings, or is an object {"NODE.INPUT": value}', EXIT_USAGE)
+    return list(value)
+
+
+def derived_job_id(workflow: dict) -> str:
+    """The prompt text made into a folder name, then a digest of the whole queued workflow: the same
+    job on the same line or another, today or after a crash, has the same id; any change makes a new one."""
+    digest = hashlib.sha256(json.dumps(workflow, sort_keys=True).encode()).hexdigest()[:10]
+    texts = [workflow[node_id]["inputs"]["text"] for node_id in prompt_nodes(workflow, "positive")]
+    slug = re.sub(r"[^a-z0-9]+", "-", (texts[0] if texts else "").lower())[:40].strip("-")
+    return f"{slug}-{digest}" if slug else digest
+
+
+def read_jobs(path: str, defaults: argparse.Namespace) -> list[Job]:
+    """The jobs in `path`, one JSON object a line (blank lines and lines starting with # are
+    skipped). Command-line options are the defaults each line may override; --set values apply
+    before the line's own. A line's workflow path is relative to the jobs file's folder."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ClientError(f"cannot read {path}: {error.strerror}", EXIT_USAGE) from error
+    workflows: dict[str, dict] = {}
+    jobs: list[Job] = []
+    lines_of: dict[str, int] = {}
+    for number, text in enumerate(lines, 1):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        where = f"{path}, line {number}"
+        try:
+            spec = json.loads(text)
+            if not isinstance(spec, dict):
+                raise ClientError("a job is one JSON object, e.g. "
+                                  '{"prompt": "a glass bottle", "seed": 7, "set": {"KSampler.steps": 20}}', EXIT_USAGE)
+            unknown = sorted(set(spec) - set(JOB_KEYS))
+            if unknown:
+                raise ClientError(f"unknown key {', '.join(map(repr, unknown))}; a job has: {', '.join(JOB_KEYS)}",
+                                  EXIT_USAGE)
+            for key, kind in JOB_KEYS.items():
+                if key in spec and (not isinstance(spec[key], kind) or isinstance(spec[key], bool)):
+                    raise ClientError(f"{key!r} is {json.dumps(spec[key])}; it must be a JSON "
+                                      f"{'string' if kind is str else 'integer' if kind is int else 'list or object'}",
+                                      EXIT_USAGE)
+            if "workflow" in spec:
+                workflow_path = os.path.join(os.path.dirname(os.path.abspath(path)), spec["workflow"])
+            elif defaults.workflow:
+                workflow_path = defaults.workflow
+            else:
+                raise ClientError('no "workflow": give it in the line or as the WORKFLOW argument', EXIT_USAGE)
+            if workflow_path not in workflows:
+                workflows[workflow_path] = load_workflow(workflow_path)
+            workflow = copy.deepcopy(workflows[workflow_path])
+            given = {key: spec.get(key, getattr(defaults, key)) for key in ("prompt", "negative", "seed", "width",
+                                                                            "height", "batch")}
+            apply_overrides(workflow, **given, sets=[*defaults.set, *_job_sets(spec.get("set", []))])
+            job_id = spec.get("id") or derived_job_id(workflow)
+            if not JOB_ID.fullmatch(job_id):
+                raise ClientError(f"id {job_id!r}: use letters, digits, '.', '_' and '-' (it names the job's "
+                                  "output folder)", EXIT_USAGE)
+            if job_id in lines_of:
+                raise ClientError(f"the same job as line {lines_of[job_id]} (job id {job_id}); remove one, or give "
+                                  'each its own "id"', EXIT_USAGE)
+        except json.JSONDecodeError as error:
+            raise ClientError(f"{where}: not JSON ({error.msg} at column {error.colno})", EXIT_USAGE) from error
+        except ClientError as error:
+            raise ClientError(f"{where}: {error}", error.exit_code) from error
+        lines_of[job_id] = number
+        jobs.append(Job(number, job_id, workflow_path, workflow, spec))
+    if not jobs:
+        raise ClientError(f"{path} holds no jobs (one JSON object a line)", EXIT_USAGE)
+    return jobs
+
+
+async def run_job(client: ComfyClient, job: Job, args: argparse.Namespace) -> list[str]:
+    """Run `job` on `client`'s server; its images land in OUTPUT_DIR/<job id>/, which appears
+    whole (renamed from a hidden partial folder) only once every image is there."""
+    entry = await client.run(job.workflow, args.timeout, lambda message, prompt_id: progress_line(message, prompt_id)[0],
+                             model_downloads(job.workflow_path))
+    if entry.get("status", {}).get("status_str") != "success":
+        raise ClientError(describe_failure(entry), EXIT_FAILED)
+    partial = os.path.join(args.output_dir, f".{job.id}.partial")
+    final = os.path.join(args.output_dir, job.id)
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        saved = await client.download(entry, partial, args.previews)
+        prompt_id = (entry.get("prompt") or [None, None])[1]
+        with open(os.path.join(partial, "job.json"), "w", encoding="utf-8") as handle:
+            json.dump({"line": job.line, "job": job.spec, "server": client.server, "prompt_id": prompt_id}, handle,
+                      indent=1)
+        os.rename(partial, final)
+    except OSError as error:
+        raise ClientError(f"cannot write the images into {final}: {error}", EXIT_FAILED) from error
+    return [os.path.join(final, os.path.basename(path)) for path in saved]
+
+
+class BatchRun:
+    """The jobs not yet done, spread over the servers: JOBS_PER_SERVER workers per server take jobs
+    from one shared queue. A server that stops answering gives its jobs back to the queue and takes
+    no more, so the others run them; a job that fails on a server that answers (rejected, execution
+    error, timeout) is not retried."""
+
+    def __init__(self, jobs: list[Job], args: argparse.Namespace):
+        self.args = args
+        self.outcomes: dict[str, Outcome] = {}
+        for job in jobs:
+            if os.path.isdir(os.path.join(args.output_dir, job.id)):
+                self.outcomes[job.id] = Outcome(job, "skipped")
+        self.jobs = jobs
+        self.pending = [job for job in jobs if job.id not in self.outcomes]
+        self.bar = tqdm(total=len(jobs), initial=len(jobs) - len(self.pending), unit="job", file=sys.stderr,
+                        disable=args.quiet, dynamic_ncols=True)
+        self.todo: asyncio.Queue = asyncio.Queue()
+        self.gone: set[str] = set()
+        self.workers = 0
+
+    def write(self, text: str, file=sys.stderr) -> None:
+        if file is sys.stdout or not self.args.quiet:
+            self.bar.write(text, file=file)
+
+    def finish(self, outcome: Outcome) -> None:
+        self.outcomes[outcome.job.id] = outcome
+        self.bar.update(1)
+        if outcome.state == "failed":  # an error: shown also with --quiet
+            self.bar.write(f"failed line {outcome.job.line} ({outcome.job.id}): {outcome.detail.splitlines()[0]}",
+                           file=sys.stderr)
+        if len(self.outcomes) == len(self.jobs):
+            for _ in range(self.workers):
+                self.todo.put_nowait(None)  # every worker stops
+
+    async def run(self, clients: list[ComfyClient]) -> None:
+        for job in self.pending:
+            self.todo.put_nowait(job)
+        self.workers = len(clients) * JOBS_PER_SERVER
+        await asyncio.gather(*(self.worker(client) for client in clients for _ in range(JOBS_PER_SERVER)))
+        while not self.todo.empty():
+            job = self.todo.get_nowait()
+            if job is not None:
+                self.finish(Outcome(job, "failed", "every server went away before it ran; start them and rerun the "
+                                                   "same command to resume"))
+
+    async def worker(self, client: ComfyClient) -> None:
+        while True:
+            job = await self.todo.get()
+            if job is None:
+                return
+            if client.server in self.gone:
+                self.todo.put_nowait(job)
+                return
+            try:
+                saved = await run_job(client, job, self.args)
+            except ClientError as error:
+                if error.exit_code != EXIT_UNREACHABLE:
+                    self.finish(Outcome(job, "failed", str(error)))
+                    continue
+                if client.server not in self.gone:
+                    self.gone.add(client.server)
+                    self.write(f"{client.server} went away ({error.__cause__ or error}); its jobs go to the other servers")
+                self.todo.put_nowait(job)
+                return
+            for path in saved:
+                self.write(path, file=sys.stdout)
+            self.finish(Outcome(job, "done", client.server))
+
+    def summary(self) -> str:
+        counts = {state: [o for o in self.outcomes.values() if o.state == state] for state in ("done", "failed", "skipped")}
+        not_run = len(self.jobs) - len(self.outcomes)
+        lines = [f"{len(self.jobs)} jobs: {len(counts['done'])} done, {len(counts['failed'])} failed, "
+                 f"{len(counts['skipped'])} skipped (already in {self.args.output_dir})"
+                 + (f", {not_run} not run" if not_run else "")]
+        for outcome in sorted(counts["failed"], key=lambda o: o.job.line):
+            reason = outcome.detail.replace("\n", "\n    ")
+            lines.append(f"  failed: line {outcome.job.line} ({outcome.job.id}): {reason}")
+        return "\n".join(lines)
+
+
+async def run_batch(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    jobs = read_jobs(args.jobs, args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    batch = BatchRun(jobs, args)
+    try:
+        if batch.pending:
+            async with aiohttp.ClientSession() as session:
+                clients = [ComfyClient(server, session, lambda message: None) for server in args.server]
+                answers = await asyncio.gather(*(client.check_server() for client in clients), return_exceptions=True)
+                for answer in answers:
+                    if isinstance(answer, BaseException) and not isinstance(answer, ClientError):
+                        raise answer
+                reachable = [client for client, answer in zip(clients, answers) if not isinstance(answer, ClientError)]
+                if not reachable:
+                    raise answers[0]
+                for answer in answers:
+                    if isinstance(answer, ClientError):
+                        batch.write(f"skipping a server: {answer}")
+                await batch.run(reachable)
+    except asyncio.CancelledError:
+        batch.bar.close()
+        log(batch.summary())
+        log("interrupted: rerun the same command to resume (finished jobs are skipped); prompts already queued may "
+            "still run in ComfyUI")
+        raise
+    finally:
+        batch.bar.close()
+    log(batch.summary())
+    return EXIT_FAILED if any(o.state == "failed" for o in batch.outcomes.values()) else EXIT_OK
+
+
 # --- command line -----------------------------------------------------------------------------------
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Queue an API-format ComfyUI workflow, follow its progress and download the images it saves.")
-    parser.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/api/sd15_transparent_fg_attn.json)")
-    parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default %(default)s)")
+        description="Queue API-format ComfyUI workflows, follow their progress and download the images they save.")
+    parser.add_argument("workflow", nargs="?",
+                        help="API-format workflow JSON (e.g. workflows/api/sd15_transparent_fg_attn.json); with "
+                             "--jobs, the workflow of the lines that name none")
+    parser.add_argument("--jobs", metavar="FILE",
+                        help="run a batch: one JSON object a line with any of id, workflow, prompt, negative, seed, "
+                             "width, height, batch, set (e.g. {\"prompt\": \"a cat\", \"seed\": 3, \"set\": "
+                             "{\"KSampler.steps\": 20}}); the other options are every job's defaults. Each job's "
+                             "images go to OUTPUT_DIR/<job id>/; jobs whose folder exists are skipped")
+    parser.add_argument("--server", action="append",
+                        help=f"ComfyUI address (default {DEFAULT_SERVER}); repeat it to spread --jobs over servers")
     parser.add_argument("--prompt", help="positive prompt text")
     parser.add_argument("--negative", help="negative prompt text")
     parser.add_argument("--seed", type=int, help="seed of every sampler")
@@ -531,43 +710,57 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "(e.g. --set CheckpointLoaderSimple.ckpt_name=my_model.safetensors --set KSampler.steps=8)")
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where to write the images (default %(default)s)")
     parser.add_argument("--previews", action="store_true", help="also download preview images (temp outputs)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the result (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=3600,
+                        help="seconds to wait for each prompt's result (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="print only the saved file paths and errors")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.server = args.server or [DEFAULT_SERVER]
+    return args
+
+
+async def run_one(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    if not args.workflow:
+        raise ClientError("give a WORKFLOW file to queue, or --jobs FILE", EXIT_USAGE)
+    if len(args.server) > 1:
+        raise ClientError(f"--server is given {len(args.server)} times: spreading over servers needs --jobs FILE",
+                          EXIT_USAGE)
+    workflow = load_workflow(args.workflow)
+    for change in apply_overrides(workflow, prompt=args.prompt, negative=args.negative, seed=args.seed,
+                                  width=args.width, height=args.height, batch=args.batch, sets=args.set):
+        log(f"set {change}")
+
+    def report(message: dict, prompt_id: Optional[str]) -> bool:
+        ended, line = progress_line(message, prompt_id)
+        if line is not None:
+            log(line)
+        return ended
+
+    async with aiohttp.ClientSession() as session:
+        client = ComfyClient(args.server[0], session, log)
+        await client.check_server()
+        entry = await client.run(workflow, args.timeout, report, model_downloads(args.workflow))
+        if entry.get("status", {}).get("status_str") != "success":
+            raise ClientError(describe_failure(entry), EXIT_FAILED)
+        saved = await client.download(entry, args.output_dir, args.previews)
+    if not saved:
+        log("the workflow finished but saved no images")
+    for path in saved:
+        print(path)
+    return EXIT_OK
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     try:
-        workflow = load_workflow(args.workflow)
-        for change in apply_overrides(workflow, prompt=args.prompt, negative=args.negative, seed=args.seed,
-                                      width=args.width, height=args.height, batch=args.batch, sets=args.set):
-            log(f"set {change}")
-        client = ComfyClient(args.server, log)
-        client.check_server()
-        websocket = client.open_websocket()
-        try:
-            prompt_id = client.queue(workflow, model_downloads(args.workflow))
-            log(f"queued prompt {prompt_id} on {client.server}")
-            entry = client.wait(prompt_id, websocket, args.timeout)
-        finally:
-            if websocket is not None:
-                websocket.close()
-        if entry.get("status", {}).get("status_str") != "success":
-            raise ClientError(describe_failure(entry), EXIT_FAILED)
-        saved = client.download(entry, args.output_dir, args.previews)
-        if not saved:
-            log("the workflow finished but saved no images")
-        for path in saved:
-            print(path)
-        return EXIT_OK
+        return asyncio.run(run_batch(args, log) if args.jobs else run_one(args, log))
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
-        print("interrupted (the prompt may still be running in ComfyUI)", file=sys.stderr)
-        return 130
+        if not args.jobs:
+            print("interrupted (the prompt may still be running in ComfyUI)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

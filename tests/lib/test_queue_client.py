@@ -1,11 +1,10 @@
-"""workflows/queue_workflow.py, the stdlib-only client, without a server: only the standard
-library, arguments and UI-format files refused before queueing, an unreachable server, the
-overrides on every shipped workflow, websocket framing."""
+"""workflows/queue_workflow.py, the command-line client, without a server: what it imports,
+arguments and UI-format files refused before queueing, an unreachable server, the overrides on
+every shipped workflow, progress messages, jobs files and resuming a batch."""
 from __future__ import annotations
 
 import ast
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -17,11 +16,12 @@ from support.paths import API_DIR, PACK_ROOT, WORKFLOW_DIR
 from support.workflows import api_workflow_names, load_api
 
 
-def test_the_client_imports_only_the_standard_library():
+def test_the_client_imports_only_the_standard_library_and_what_comfyui_installs():
     tree = ast.parse(CLIENT.read_text())
     modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    assert modules - {"__future__"} <= set(sys.stdlib_module_names), modules - set(sys.stdlib_module_names)
+    allowed = set(sys.stdlib_module_names) | {"aiohttp", "tqdm"}  # in every ComfyUI's requirements.txt
+    assert modules - {"__future__"} <= allowed, modules - allowed
 
 
 def test_unreachable_server(tmp_path):
@@ -76,30 +76,16 @@ def test_overrides_reach_every_shipped_workflow(name):
             assert node["inputs"]["width"] == (256 if before["width"] else 0)
 
 
-def test_websocket_frames_survive_timeouts_and_fragmentation():
-    """A message split across reads and frames (as a busy server sends it) arrives whole."""
-    module = client_module()
-    ours, theirs = socket.socketpair()
-    try:
-        ws = module.WebSocket.__new__(module.WebSocket)
-        ws.sock, ws.buffer, ws.message, ws.text = ours, b"", b"", True
-        ours.settimeout(0.2)
-        text = json.dumps({"type": "progress", "data": {"value": 1, "max": 2}}).encode() * 10
-        first = bytes([0x01, 126]) + (200).to_bytes(2, "big") + text[:200]      # text, not final
-        rest = bytes([0x80, 126]) + (len(text) - 200).to_bytes(2, "big") + text[200:]  # continuation, final
-        theirs.sendall(first[:3])
-        with pytest.raises(socket.timeout):
-            ws.receive()
-        theirs.sendall(first[3:] + bytes([0x89, 0]) + rest[:50])  # a ping in between
-        with pytest.raises(socket.timeout):
-            ws.receive()
-        assert theirs.recv(16)[:1] == bytes([0x8A])  # answered with a pong
-        theirs.sendall(rest[50:] + bytes([0x82, 3]) + b"png")
-        assert ws.receive() == text.decode()
-        assert ws.receive() is None  # binary (a preview image)
-    finally:
-        ours.close()
-        theirs.close()
+def test_progress_messages():
+    """What the websocket says about a prompt becomes a log line; its end ends the wait; other
+    prompts' messages are ignored."""
+    line = client_module().progress_line
+    assert line({"type": "progress", "data": {"node": "5", "value": 2, "max": 4, "prompt_id": "p"}}, "p") == (
+        False, "  node 5: 2/4")
+    assert line({"type": "executing", "data": {"node": "7", "prompt_id": "p"}}, "p") == (False, "running node 7")
+    assert line({"type": "execution_success", "data": {"prompt_id": "p"}}, "p") == (True, None)
+    assert line({"type": "execution_error", "data": {"prompt_id": "q"}}, "p") == (False, None)
+    assert line({"type": "status", "data": {"status": {}}}, "p") == (False, None)
 
 
 def test_default_output_folder_is_outside_the_pack():
@@ -114,3 +100,89 @@ def test_model_links_come_from_the_ui_twin(tmp_path):
     assert checkpoint["directory"] == "checkpoints" and checkpoint["url"].startswith("https://huggingface.co/")
     assert downloads["layer_sd15_transparent_attn.safetensors"]["directory"] == "layer_model"
     assert client_module().model_downloads(str(tmp_path / "nowhere.json")) == {}
+
+
+def _jobs_file(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _read_jobs(path: Path, *options: str):
+    module = client_module()
+    return module.read_jobs(str(path), module.parse_args([str(API_DIR / "sd15_transparent_decode.json"), *options]))
+
+
+def test_a_jobs_file_sets_each_job_over_the_command_line_defaults(tmp_path):
+    path = _jobs_file(tmp_path,
+                      '{"prompt": "a red apple", "seed": 1, "set": {"KSampler.steps": 3}}',
+                      "",
+                      "# a comment",
+                      '{"prompt": "a red apple", "seed": 2, "set": ["KSampler.steps=4"], "negative": "dark"}',
+                      '{"id": "mine", "workflow": "decode.json"}')
+    (tmp_path / "decode.json").write_text((API_DIR / "sd15_transparent_decode.json").read_text())
+    jobs = _read_jobs(path, "--seed", "9", "--set", "KSampler.steps=2", "--negative", "blurry")
+    assert [job.line for job in jobs] == [1, 4, 5]
+    first, second, third = (job.workflow for job in jobs)
+    assert (first["2"]["inputs"]["text"], first["3"]["inputs"]["text"]) == ("a red apple", "blurry")
+    assert (first["5"]["inputs"]["seed"], first["5"]["inputs"]["steps"]) == (1, 3)
+    assert (second["5"]["inputs"]["seed"], second["5"]["inputs"]["steps"], second["3"]["inputs"]["text"]) == (2, 4, "dark")
+    assert (third["5"]["inputs"]["seed"], third["5"]["inputs"]["steps"]) == (9, 2)
+    assert jobs[2].workflow_path == str(tmp_path / "decode.json") and jobs[2].id == "mine"
+    # Ids: the prompt as a folder name and a digest of the queued workflow, the same on every read.
+    assert jobs[0].id.startswith("a-red-apple-") and jobs[0].id != jobs[1].id
+    assert [job.id for job in _read_jobs(path, "--seed", "9", "--set", "KSampler.steps=2", "--negative", "blurry")] == [
+        job.id for job in jobs]
+    assert _read_jobs(path, "--seed", "9", "--set", "KSampler.steps=5")[2].id == "mine"
+    assert _read_jobs(path, "--seed", "9", "--set", "KSampler.steps=5")[0].id != jobs[0].id
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "seeds": 3}', "line 1: unknown key 'seeds'; a job has: id, workflow, prompt"),
+    ('{"prompt": "x", "seed": "3"}', "line 1: 'seed' is \"3\"; it must be a JSON integer"),
+    ('{"prompt": "x"', "line 1: not JSON"),
+    ('["x"]', "line 1: a job is one JSON object"),
+    ('{"width": 100}', "line 1: --width 100: use a multiple of 8"),
+    ('{"set": {"KSampler.stepz": 3}}', "line 1: --set 'KSampler.stepz=3': node 5 (KSampler) has no input 'stepz'"),
+    ('{"id": "../up"}', "line 1: id '../up': use letters, digits"),
+    ('{"workflow": "nope.json"}', "line 1: cannot read"),
+])
+def test_a_bad_job_line_is_named_before_anything_is_queued(tmp_path, line, message):
+    result = run_client(str(API_DIR / "sd15_transparent_decode.json"), "--jobs", str(_jobs_file(tmp_path, line)),
+                        "--server", "http://127.0.0.1:9", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_job_twice_is_refused(tmp_path):
+    path = _jobs_file(tmp_path, '{"prompt": "x", "seed": 1}', '{"seed": 1, "prompt": "x"}')
+    result = run_client(str(API_DIR / "sd15_transparent_decode.json"), "--jobs", str(path))
+    assert result.returncode == 1, result.stderr
+    assert "line 2: the same job as line 1" in result.stderr and 'give each its own "id"' in result.stderr
+
+
+def test_jobs_whose_folder_exists_are_skipped_without_a_server(tmp_path):
+    """Resuming: a job counts as done when its output folder exists (written whole, by a rename,
+    once every image is in); a run with nothing left to do needs no server."""
+    path = _jobs_file(tmp_path, '{"prompt": "a", "seed": 1}', '{"prompt": "b", "seed": 2}')
+    out = tmp_path / "out"
+    for job in _read_jobs(path):
+        (out / job.id).mkdir(parents=True)
+    dead = f"http://127.0.0.1:{free_port()}"
+    args = (str(API_DIR / "sd15_transparent_decode.json"), "--jobs", str(path), "--output-dir", str(out))
+    result = run_client(*args, "--server", dead)
+    assert result.returncode == 0, result.stderr
+    assert f"2 jobs: 0 done, 0 failed, 2 skipped (already in {out})" in result.stderr
+    (out / _read_jobs(path)[1].id).rmdir()
+    (out / f".{_read_jobs(path)[1].id}.partial").mkdir()  # what a crash mid-download leaves: not done
+    result = run_client(*args, "--server", dead, "--server", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 2 and "cannot reach ComfyUI at http://127.0.0.1:" in result.stderr, result.stderr
+
+
+def test_one_job_goes_to_one_server_and_a_batch_names_its_workflow(tmp_path):
+    result = run_client(str(API_DIR / "sd15_transparent_decode.json"), "--server", "a:1", "--server", "b:1")
+    assert result.returncode == 1 and "spreading over servers needs --jobs FILE" in result.stderr
+    nothing = run_client("--server", "a:1")
+    assert nothing.returncode == 1 and "give a WORKFLOW file to queue, or --jobs FILE" in nothing.stderr
+    no_workflow = run_client("--jobs", str(_jobs_file(tmp_path, '{"prompt": "x"}')))
+    assert no_workflow.returncode == 1 and 'line 1: no "workflow"' in no_workflow.stderr

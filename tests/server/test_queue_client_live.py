@@ -1,4 +1,4 @@
-"""workflows/queue_workflow.py, the stdlib-only client, run as users run it (a subprocess)
+"""workflows/queue_workflow.py, the command-line client, run as users run it (a subprocess)
 against the live server: success, unreachable server, rejected prompts, execution errors."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""workflows/queue_workflow.py, the stdlib-only client: imported as a module, or run as users run it."""
+"""workflows/queue_workflow.py, the command-line client: imported as a module, or run as users run it."""
 from __future__ import annotations
 
 import functools
@@ -22,6 +22,7 @@ def client_module() -> ModuleType:
 
 
 def run_client(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The client in a subprocess. -I (isolated mode): nothing from the test environment's
-    site-packages is importable by accident."""
+    """The client in a subprocess of this Python (a ComfyUI environment, as users run it). -I
+    (isolated mode): no PYTHONPATH, user site-packages or current folder on its path, so it
+    imports only what that environment installs."""
     return subprocess.run([sys.executable, "-I", str(CLIENT), *args], capture_output=True, text=True, timeout=timeout)
