@@ -1,14 +1,17 @@
 """ComfyUI's real frontend, served by the live test server, in headless Chromium: every shipped
 workflow loads as drag-and-drop loads it, with no missing node type, its widget values intact and
 its missing weights offered for download; an unknown node is reported. Screenshots go to the
-test's tmp_path.
+test's tmp_path. The page runs the frontend installed beside the server, and the release named by
+LAYERDIFFUSE_FRONTEND when that is set (CI's lane for the newest frontend sets it).
 
 Needs Debian's `chromium` and `chromium-driver` (skipped with that reason otherwise).
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import os
 import urllib.request
 from pathlib import Path
 
@@ -75,6 +78,12 @@ def named_by_widgets(graph: dict) -> set[str]:
         saved = node.get("widgets_values") or []
         values.update(v for v in (saved.values() if isinstance(saved, dict) else saved) if isinstance(v, str))
     return values
+
+
+def test_page_runs_the_installed_frontend(browser):
+    served = browser.run("return window.__COMFYUI_FRONTEND_VERSION__;")
+    assert served == importlib.metadata.version("comfyui-frontend-package")
+    assert served == os.environ.get("LAYERDIFFUSE_FRONTEND", served)
 
 
 def test_template_browser_offers_the_workflows_with_thumbnails(browser, comfy_server, object_info, tmp_path):

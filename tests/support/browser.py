@@ -241,7 +241,10 @@ transfer.items.add(new File([text], fileName, { type: 'application/json' }));
 document.dispatchEvent(new DragEvent('drop', { dataTransfer: transfer, bubbles: true, cancelable: true }));
 """
 
-TEMPLATE_DIALOG = "document.querySelector('[aria-labelledby=global-workflow-template-selector]')"
+# The template browser: labelled by its key up to frontend 1.49, keyed by a data attribute since
+# the dialogs moved to Reka UI (1.58).
+TEMPLATE_DIALOG = ("document.querySelector('[aria-labelledby=global-workflow-template-selector], "
+                   "[data-dialog-key=global-workflow-template-selector]')")
 
 CLOSE_DIALOGS_SCRIPT = """
 const done = arguments[arguments.length - 1];
