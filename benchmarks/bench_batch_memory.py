@@ -76,6 +76,7 @@ def calibration_worker(what: str, side: int, batch: int, dtype_name: str, passes
     from lib_layerdiffuse.rgba_upscale import resize_rgba
     from lib_layerdiffuse.transparent_vae import decode_transparent
     from lib_layerdiffuse.unet1024 import UNet1024
+    from lib_layerdiffuse.vae_family import SD
 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
@@ -85,7 +86,7 @@ def calibration_worker(what: str, side: int, batch: int, dtype_name: str, passes
             model.get_submodule(name).float()
         pixel, latent = torch.rand(batch, 3, side, side), torch.randn(batch, 4, side // 8, side // 8)
         if what == "decoder":
-            growth, _ = _growth(lambda: decode_transparent(model, pixel, latent, batch, passes=passes))
+            growth, _ = _growth(lambda: decode_transparent(SD, model, pixel, latent, batch, passes=passes))
         else:  # the plain network, as it runs on an accelerator, one pass
             with torch.inference_mode():
                 growth, _ = _growth(lambda: model(pixel.contiguous(memory_format=torch.channels_last), latent))
@@ -148,7 +149,8 @@ def node_worker(folder: str, side: int, batch: int, sub_batch_size: int, passes:
 
     path = os.path.join(folder, decoders["SDXL"].name)
     folder_paths.folder_names_and_paths["layer_model"] = ([folder], {".safetensors"})
-    model_store.network(path, transparent_vae.UNet1024, pack("nodes.vae_pipeline").decoder_weights_dtype(precision))
+    model_store.network(path, pack("lib_layerdiffuse.vae_family").SD.decoder,
+                        pack("nodes.vae_pipeline").PRECISIONS[precision])
 
     sub_batches = []
     decode_augmented = transparent_vae.decode_augmented

@@ -23,11 +23,13 @@ from ..lib_layerdiffuse.batch_memory import (
 )
 from . import model_store
 
+
 def free_memory(device: torch.device) -> int:
     return int(model_management.get_free_memory(device))
 
 
-def load_decoder(patcher: ModelPatcher, shape: torch.Size, passes: int, sub_batch_size: int) -> tuple[nn.Module, int]:
+def load_decoder(patcher: ModelPatcher, shape: torch.Size, passes: int, sub_batch_size: int,
+                 node: str) -> tuple[nn.Module, int]:
     """The transparent decoder in `patcher` loaded on its device with room for one image, and how many
     of the [B,3,H,W] images it decodes at once (at most `sub_batch_size`)."""
     batch, _, height, width = shape
@@ -37,7 +39,7 @@ def load_decoder(patcher: ModelPatcher, shape: torch.Size, passes: int, sub_batc
     memory = decoder_memory(height, width, batch, dtype.itemsize, passes, on_cpu)
     model = model_store.load_to_device(patcher, memory.for_images(1))
     free = free_memory(device)
-    work = f"the transparent decoder ({width}x{height}, {str(dtype).removeprefix('torch.')}, {passes} passes)"
+    work = f"{node}: the transparent decoder ({width}x{height}, {str(dtype).removeprefix('torch.')}, {passes} passes)"
     cure = decoder_cure(height, width, batch, dtype.itemsize, passes, on_cpu, free)
     return model, images_at_once(memory, free, batch, sub_batch_size, work, cure)
 

@@ -19,6 +19,7 @@ from .flux_weights import (
     apply_lora,
     load_flux_vae,
     require_flux_vae,
+    transparent_vae_fingerprint,
     transparent_vae_network,
     transparent_vae_problem,
 )
@@ -61,6 +62,10 @@ class LayeredDiffusionFluxApply(io.ComfyNode):
         return model_store.missing_file_problem(WEIGHT_FILES[LORA_NAME]) or _in_range(strength, STRENGTH)
 
     @classmethod
+    def fingerprint_inputs(cls, **_) -> tuple:
+        return model_store.files_fingerprint(LORA_NAME)
+
+    @classmethod
     def execute(cls, model: io.Model.Type, strength: float) -> io.NodeOutput:
         require_family(model, FLUX, "Layer Diffuse Flux Apply")
         path = model_store.ensure_weight_file(WEIGHT_FILES[LORA_NAME])
@@ -82,6 +87,10 @@ class LayeredDiffusionFluxVAELoader(io.ComfyNode):
             outputs=[io.Vae.Output(display_name="VAE", tooltip="The Flux VAE, for the Layer Diffuse Flux Decode/Encode "
                                    "nodes (and any other Flux VAE use).")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **_) -> tuple:
+        return transparent_vae_fingerprint()
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
@@ -117,6 +126,10 @@ class LayeredDiffusionFluxDecode(io.ComfyNode):
         return transparent_vae_problem() or _in_range(sub_batch_size, SUB_BATCH)
 
     @classmethod
+    def fingerprint_inputs(cls, **_) -> tuple:
+        return transparent_vae_fingerprint()
+
+    @classmethod
     def execute(cls, samples: io.Latent.Type, vae: io.Vae.Type, sub_batch_size: int, passes: str = "8",
                 precision: str = "auto") -> io.NodeOutput:
         node = "Layer Diffuse Flux Decode"
@@ -144,6 +157,10 @@ class LayeredDiffusionFluxEncode(io.ComfyNode):
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The transparent Flux latent.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, **_) -> tuple:
+        return transparent_vae_fingerprint()
 
     @classmethod
     def execute(cls, vae: io.Vae.Type, image: io.Image.Type, mask: io.Mask.Type = None) -> io.NodeOutput:

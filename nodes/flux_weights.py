@@ -72,6 +72,11 @@ def transparent_vae_problem() -> str | None:
     return model_store.missing_file_problem(WEIGHT_FILES[flux_vae.PTH_NAME])
 
 
+def transparent_vae_fingerprint() -> tuple:
+    """fingerprint_inputs for the nodes that read TransparentVAE (either form of the file)."""
+    return model_store.files_fingerprint(flux_vae.SAFETENSORS_NAME, flux_vae.PTH_NAME)
+
+
 def require_flux_vae(vae: VAE, node: str) -> None:
     if vae.latent_channels != flux_vae.LATENT_CHANNELS or vae.latent_dim != 2:
         raise ModelError(f"{node}: this VAE makes {vae.latent_channels}-channel latents; connect the "

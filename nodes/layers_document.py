@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..lib_layerdiffuse.errors import InputError
-from .rgba_io import alpha_for, join_rgba, split_rgba
+from .rgba_io import join_rgba, mask_alpha, split_rgba
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,10 @@ def item_rgba(item: dict, node: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(colour [B,3,h,w], alpha [B,1,h,w]) of an item: the image's alpha (opaque if RGB) times
     1 - its mask."""
     image, mask = item["image"], item.get("mask")
-    rgb, alpha = split_rgba(image, None, node)
+    rgb, alpha = split_rgba(image, None, node, "a layer's image")
     if isinstance(mask, torch.Tensor):
-        alpha = alpha * alpha_for(image, mask, node)
+        batch, _, height, width = alpha.shape
+        alpha = alpha * mask_alpha(mask, batch, height, width, node, "a layer's mask").to(alpha.device)
     return rgb, alpha
 
 

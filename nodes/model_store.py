@@ -87,7 +87,12 @@ def chosen_file_fingerprint(choice: str | None, files: Mapping[str, WeightFile])
     the choice comes from another node): it changes when that file is replaced on disk, so that
     ComfyUI runs the node again instead of reusing the output it made with the old file."""
     chosen = [files[choice]] if choice in files else list(files.values())
-    paths = [folder_paths.get_full_path(FOLDER, weight_file.name) for weight_file in chosen]
+    return files_fingerprint(*(weight_file.name for weight_file in chosen))
+
+
+def files_fingerprint(*names: str) -> tuple:
+    """The signatures of the named files in the layer_model folders (None for one that is not there)."""
+    paths = [folder_paths.get_full_path(FOLDER, name) for name in names]
     return tuple(file_signature(path) if path is not None else None for path in paths)
 
 

@@ -26,7 +26,7 @@ def rgba_image_inputs() -> list[io.Input]:
     ]
 
 
-def _mask_alpha(mask: torch.Tensor, batch: int, height: int, width: int, node: str, what: str) -> torch.Tensor:
+def mask_alpha(mask: torch.Tensor, batch: int, height: int, width: int, node: str, what: str) -> torch.Tensor:
     """[B,1,H,W] alpha (1 = opaque) of a LoadImage-style mask. A mask of another size is resized
     to the image's; one mask serves the whole batch."""
     if mask.dim() < 2 or 0 in mask.shape:
@@ -47,7 +47,7 @@ def split_rgba(image: torch.Tensor, mask: torch.Tensor | None, node: str,
     in errors."""
     rgb, alpha = split_image(image, node, what)
     if mask is not None:
-        alpha = _mask_alpha(mask, rgb.shape[0], rgb.shape[-2], rgb.shape[-1], node, f"the mask of {what}")
+        alpha = mask_alpha(mask, rgb.shape[0], rgb.shape[-2], rgb.shape[-1], node, f"the mask of {what}")
     elif alpha is None:
         alpha = torch.ones(rgb.shape[0], 1, rgb.shape[-2], rgb.shape[-1], device=image.device)
     return rgb, alpha.to(image.device)

@@ -77,15 +77,15 @@ def decode_rgba(family: TransparentVAEFamily, node: str, latent: torch.Tensor,
     pixel = pixels_for(latent)
     check_pixels(pixel, latent, node)
     patcher = load_decoder(PRECISIONS[precision])
-    return run_transparent_decoder(family, patcher, pixel, latent, sub_batch_size, passes).movedim(1, -1)
+    return run_transparent_decoder(family, node, patcher, pixel, latent, sub_batch_size, passes).movedim(1, -1)
 
 
-def run_transparent_decoder(family: TransparentVAEFamily, patcher: ModelPatcher, pixel: torch.Tensor,
+def run_transparent_decoder(family: TransparentVAEFamily, node: str, patcher: ModelPatcher, pixel: torch.Tensor,
                             latent: torch.Tensor, sub_batch_size: int, passes: str) -> torch.Tensor:
     """The augmented decode of [B,3,H,W] pixels and their latents with the decoder in `patcher`,
     on ComfyUI's device after making room, with a progress bar and interruption.
     Returns R,G,B,A [B,4,H,W] float32 on the CPU."""
-    model, step = batch_sizing.load_decoder(patcher, pixel.shape, PASSES[passes], sub_batch_size)
+    model, step = batch_sizing.load_decoder(patcher, pixel.shape, PASSES[passes], sub_batch_size, node)
     bar = comfy.utils.ProgressBar(PASSES[passes] * sub_batches(pixel.shape[0], step))
 
     def on_pass() -> None:

@@ -85,7 +85,8 @@ def test_an_image_that_cannot_fit_is_refused_before_anything_is_allocated(pack, 
     with pytest.raises(errors.InputError) as error:
         _decode(pack, images, latent, passes="8")
     text = str(error.value)
-    assert text.startswith("the transparent decoder (8192x8192, float32, 8 passes) needs about ") and \
+    assert text.startswith("Layer Diffuse Decode (RGBA): the transparent decoder (8192x8192, float32, 8 passes) "
+                           "needs about ") and \
         "GiB of memory, but 16.0 GiB are free: make the image smaller (about " in text, text
     assert "passes to 1" in text and "close other programs and models" in text, text
     assert sizes == []

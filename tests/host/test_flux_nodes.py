@@ -153,6 +153,9 @@ def test_decode_passes_and_progress(pack, flux_vae, flux_golden, monkeypatch):
      r"Layer Diffuse Flux Decode: samples holds 1024 NaN and 0 infinite values \(of 1024\); the sampler diverged"),
     ("LayeredDiffusionFluxDecode", {"samples": {"samples": torch.zeros(0, 16, 8, 8)}},
      "Layer Diffuse Flux Decode: samples is an empty batch"),
+    ("LayeredDiffusionFluxDecode", {"samples": {"samples": torch.randn(1, 4, 8, 8)}},
+     "Layer Diffuse Flux Decode: the latent has 4 channels but the Flux transparent decoder takes 16.*Layer Diffuse "
+     "Decode"),
     ("LayeredDiffusionFluxEncode", {"image": torch.full((1, 64, 64, 4), float("inf"))},
      r"Layer Diffuse Flux Encode: image holds 0 NaN and 16384 infinite values"),
     ("LayeredDiffusionFluxEncode", {"image": torch.rand(1, 7, 7, 4)},

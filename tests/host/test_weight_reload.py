@@ -64,3 +64,30 @@ def test_apply_nodes_fingerprint_the_file_their_config_reads(pack, tmp_path, mon
     assert node.fingerprint_inputs(config=config) != present
     # A config that comes from another node (None here): every file the node may read counts.
     assert len(node.fingerprint_inputs(config=None)) == len(pack_module("nodes.modes").APPLY_MODES)
+
+
+def test_flux_nodes_fingerprint_the_files_they_read(pack, tmp_path, monkeypatch):
+    """The Flux LoRA and TransparentVAE (either form) count for the nodes that read them."""
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "layer_model",
+                        ([str(tmp_path)], {".safetensors", ".pth"}))
+    apply = pack.NODE_CLASS_MAPPINGS["LayeredDiffusionFluxApply"]
+    readers = [pack.NODE_CLASS_MAPPINGS[name] for name in
+               ("LayeredDiffusionFluxVAELoader", "LayeredDiffusionFluxDecode", "LayeredDiffusionFluxEncode")]
+    assert apply.fingerprint_inputs(strength=1.0) == (None,)
+    lora = tmp_path / "layerlora.safetensors"
+    lora.symlink_to(synthetic_file("layer_sd15_transparent_attn"))
+    present = apply.fingerprint_inputs(strength=1.0)
+    assert present != (None,)
+    _replace(lora, synthetic_file(DECODER))
+    assert apply.fingerprint_inputs(strength=1.0) != present
+
+    fingerprints = {node.fingerprint_inputs() for node in readers}
+    assert fingerprints == {(None, None)}
+    converted = tmp_path / "TransparentVAE.safetensors"
+    converted.symlink_to(synthetic_file(DECODER))
+    fingerprints = {node.fingerprint_inputs() for node in readers}
+    assert len(fingerprints) == 1 and fingerprints != {(None, None)}
+    _replace(converted, synthetic_file("layer_sd15_transparent_attn"))
+    assert {node.fingerprint_inputs() for node in readers}.isdisjoint(fingerprints)

@@ -4,7 +4,6 @@ every shipped workflow, progress messages, jobs files and resuming a batch."""
 from __future__ import annotations
 
 import ast
-import json
 import sys
 from pathlib import Path
 

@@ -1,5 +1,7 @@
-"""Faults through a live ComfyUI server: an interrupted decode leaves nothing behind. Every output is compared with the same prompt run alone on a server that never saw a fault
-(`references`, started and stopped first: one server at a time)."""
+"""Faults through a live ComfyUI server: an interrupted decode, failed prompts and a full queue of
+mixed SD1.5 modes leave nothing behind. Every output is compared with the same prompt run alone
+on a server that never saw a fault (`references`, started and stopped first: one server at a
+time), and the faulted server's memory does not grow from prompt to prompt."""
 from __future__ import annotations
 
 import json
@@ -10,18 +12,47 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from support.client import client_module
 from support.environment import find_comfyui, unavailable
-from support.live_queue import cached_nodes, open_websocket, queue, saved_pixels
+from support.live_queue import cached_nodes, idle_rss, open_websocket, queue, saved_pixels, wait_all
 from support.server import ComfyServer, ServerError, link_into, make_base, start
 from support.synth import synthetic_file
-from support.workflow_runs import write_inputs
+from support.workflow_runs import size_mismatch_prompt, tiny, write_inputs
+from support.workflows import load_api
 
 CHECKPOINT = "sd15_synthetic.safetensors"
 LAYER_FILES = ("layer_sd15_vae_transparent_decoder", "layer_sd15_vae_transparent_encoder",
                "layer_sd15_transparent_attn", "layer_sd15_joint", "layer_sd15_fg2bg", "layer_sd15_bg2fg")
+# The mixed queue: SD1.5 foreground (attention), joint fg/bg/blend with Save Layers, cond fg->bg
+# (Upscale RGBA, Save Layers) and bg->fg, encode + img2img, hires fix (Upscale RGBA + Encode).
+MODES = ("sd15_transparent_fg_attn", "sd15_joint_fg_bg_blend", "sd15_cond_joint_fg_to_bg",
+         "sd15_cond_joint_bg_to_fg", "sd15_transparent_img2img", "sd15_transparent_hires_fix")
+QUEUED = 40
+FIRST_BURST = 10
+RSS_GROWTH = 1.10
+AFTER_FAILURE = "sd15_joint_fg_bg_blend"
 # The interrupted decode: big enough that one pass takes a while on a CPU.
 DECODE_SIZE = 192
 DECODE_INPUT = "fault_decode_input.png"
+
+
+def mode_prompt(name: str, variant: int = 0) -> dict:
+    """A shipped SD1.5 workflow at the tiny test size with one step and one decoder pass (the 8-pass
+    decode is the interrupt test's). Variants differ only by trailing spaces in the prompt texts:
+    CLIP's tokenizer drops them, so the images are the same, but ComfyUI's cache, which keys on the
+    inputs, cannot serve one variant for another and every node from the text encoders on runs."""
+    prompt = tiny(load_api(name), CHECKPOINT)
+    for node in prompt.values():
+        if "passes" in node["inputs"]:
+            node["inputs"]["passes"] = "1"
+        if node["class_type"] == "CLIPTextEncode":
+            node["inputs"]["text"] += " " * variant
+    return prompt
+
+
+def queued_modes() -> list[tuple[str, int]]:
+    """(workflow, variant) of each queued prompt: the modes in turn, no two neighbours alike."""
+    return [(MODES[i % len(MODES)], i // len(MODES)) for i in range(QUEUED)]
 
 
 def decode_prompt() -> dict:
@@ -70,7 +101,7 @@ def references(tmp_path_factory) -> dict:
     decode first, on the freshly started server, then the others one by one."""
     server = _start_server(tmp_path_factory, "fault_reference")
     try:
-        runs = {"decode": decode_prompt()}
+        runs = {"decode": decode_prompt(), **{name: mode_prompt(name) for name in MODES}}
         yield {key: saved_pixels(server, _succeeded(server.run(prompt))) for key, prompt in runs.items()}
     finally:
         server.stop()
@@ -136,3 +167,53 @@ def test_an_interrupted_decode_stops_within_a_pass_and_leaves_nothing_behind(fau
     entry = _succeeded(faulted.run(decode_prompt()))
     assert "decode" not in cached_nodes(entry)
     _assert_same_outputs(saved_pixels(faulted, entry), references["decode"], "the decode after an interrupt")
+
+
+def test_failed_prompts_are_followed_by_a_prompt_with_the_fresh_output(faulted, references):
+    # Bad input to a node of the pack: an execution error, the server goes on.
+    entry = faulted.run(size_mismatch_prompt("fault_mismatch"))
+    assert entry["status"]["status_str"] == "error"
+    errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert errors and errors[0]["exception_type"] == "layerdiffuse.InputError", errors
+
+    # A failure in the middle of sampling, with the joint mode's attention sharing on the model.
+    after_queue = QUEUED // len(MODES) + 1  # a variant the queue test does not run
+    wrong_batch = mode_prompt(AFTER_FAILURE, after_queue)
+    client_module().apply_overrides(wrong_batch, sets=["EmptyLatentImage.batch_size=2"])
+    entry = faulted.run(wrong_batch)
+    assert entry["status"]["status_str"] == "error"
+    errors = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert errors and "multiple of 3" in errors[0]["exception_message"], errors
+
+    # A combo value the node does not offer: refused before it is queued.
+    bad_combo = mode_prompt(AFTER_FAILURE, after_queue)
+    for node in bad_combo.values():
+        if node["class_type"] == "LayeredDiffusionJointApply":
+            node["inputs"]["config"] = "SD15, no such mode"
+    status, body = faulted.post("/prompt", {"prompt": bad_combo})
+    assert status == 400 and body.get("node_errors"), body
+
+    entry = _succeeded(faulted.run(mode_prompt(AFTER_FAILURE, after_queue)))
+    _assert_same_outputs(saved_pixels(faulted, entry), references[AFTER_FAILURE], "the prompt after failures")
+
+
+def test_a_full_queue_of_mixed_modes_matches_the_prompts_run_alone_without_growing_memory(faulted, references):
+    runs = queued_modes()
+    prompts = [mode_prompt(name, variant) for name, variant in runs]
+    started = time.monotonic()
+    first = [queue(faulted, prompt) for prompt in prompts[:FIRST_BURST]]
+    entries = wait_all(faulted, first)
+    rss_first = idle_rss(faulted)
+    rest = [queue(faulted, prompt) for prompt in prompts[FIRST_BURST:]]
+    entries += wait_all(faulted, rest)
+    rss_all = idle_rss(faulted)
+    print(f"{len(prompts)} prompts in {time.monotonic() - started:.0f}s; server RSS after {FIRST_BURST}: "
+          f"{rss_first / 2**30:.2f} GiB, after {len(prompts)}: {rss_all / 2**30:.2f} GiB")
+
+    for (name, variant), prompt, entry in zip(runs, prompts, entries):
+        _succeeded(entry)
+        samplers = {n for n, node in prompt.items() if node["class_type"] == "KSampler"}
+        assert not samplers & cached_nodes(entry), f"{name} variant {variant} was served from the cache"
+        _assert_same_outputs(saved_pixels(faulted, entry), references[name], f"{name} variant {variant}")
+    assert rss_all <= RSS_GROWTH * rss_first, (rss_first, rss_all)
+    assert faulted.get("/system_stats")
