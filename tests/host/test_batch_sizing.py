@@ -101,7 +101,7 @@ def test_encode_splits_by_the_reported_free_memory(pack, decoder_dir, monkeypatc
         vae = comfy.sd.VAE(sd={k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)})
     image = torch.rand(3, 64, 64, 4)
     (whole,) = run_node(pack, "LayeredDiffusionEncode", vae=vae, image=image, sd_version="SD15")
-    offsets = _spy(monkeypatch, pack_module("nodes.transparent_vae"), "transparency_offset", argument=1)
+    offsets = _spy(monkeypatch, pack_module("nodes.vae_pipeline"), "transparency_offset", argument=2)
     _report_free(monkeypatch, pack_module("lib_layerdiffuse.batch_memory").encoder_memory(64, 64, 4).for_images(2))
     (split,) = run_node(pack, "LayeredDiffusionEncode", vae=vae, image=image, sd_version="SD15")
     assert offsets == [2, 1]
