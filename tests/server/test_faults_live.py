@@ -5,7 +5,6 @@ time), and the faulted server's memory does not grow from prompt to prompt."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import numpy as np
@@ -134,7 +133,7 @@ def _follow_and_interrupt(server: ComfyServer, prompt: dict, node_id: str) -> tu
         while time.monotonic() < deadline:
             try:
                 text = websocket.receive()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if text is None:
                 continue

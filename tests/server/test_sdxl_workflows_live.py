@@ -16,6 +16,8 @@ from support.synth import manifest, synthetic_file, synthweights
 from support.workflow_runs import assert_saved_as_expected, at_size, tiny, write_inputs
 from support.workflows import api_workflow_names, load_api, node_types, require_registered
 
+pytestmark = pytest.mark.sdxl
+
 SDXL_RUNS = [n for n in api_workflow_names() if n.startswith("sdxl_")]
 CHECKPOINT = "sdxl_synthetic.safetensors"
 CHANGED_SIZE = (96, 64)  # width, height, as in test_workflows_live.py

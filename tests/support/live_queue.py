@@ -2,15 +2,16 @@
 websocket, and what a finished prompt saved: its images' pixels and the server's memory."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import psutil
 from PIL import Image
 
-from .client import client_module
 from .server import ComfyServer, ServerError
 
 # ComfyUI's prompt worker collects garbage once it has been idle this long after a prompt.
@@ -39,14 +40,40 @@ def wait_all(server: ComfyServer, prompt_ids: list[str], timeout_s: float = 900)
     return [entries[p] for p in prompt_ids]
 
 
-def open_websocket(server: ComfyServer):
+class ProgressSocket:
+    """A blocking reader of ComfyUI's websocket (aiohttp on an event loop of its own)."""
+
+    def __init__(self, url: str):
+        self._loop = asyncio.new_event_loop()
+        self._session, self._websocket = self._loop.run_until_complete(self._connect(url))
+
+    @staticmethod
+    async def _connect(url: str):
+        session = aiohttp.ClientSession()
+        try:
+            return session, await session.ws_connect(url)
+        except BaseException:
+            await session.close()
+            raise
+
+    def receive(self, timeout: float = 1.0) -> str | None:
+        """The next text message; None for another kind. TimeoutError when none came in `timeout` s."""
+        message = self._loop.run_until_complete(self._websocket.receive(timeout))
+        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+            raise ServerError(f"the server closed the websocket ({message.type.name})")
+        return message.data if message.type == aiohttp.WSMsgType.TEXT else None
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._websocket.close())
+        self._loop.run_until_complete(self._session.close())
+        self._loop.close()
+
+
+def open_websocket(server: ComfyServer) -> tuple[ProgressSocket, str]:
     """(websocket, client id): the server sends this client the progress of the prompts queued
     with that id."""
     client_id = uuid.uuid4().hex
-    websocket = client_module().WebSocket(server.url.replace("http://", "ws://") + f"/ws?clientId={client_id}",
-                                          timeout=60)
-    websocket.sock.settimeout(1.0)
-    return websocket, client_id
+    return ProgressSocket(server.url.replace("http://", "ws://") + f"/ws?clientId={client_id}"), client_id
 
 
 def saved_pixels(server: ComfyServer, entry: dict) -> dict[str, np.ndarray]:
