@@ -103,7 +103,7 @@ def baseline_decode(sd: dict, pixel: torch.Tensor, latent: torch.Tensor) -> torc
             p, z = (torch.rot90(torch.flip(t, (3,)) if flip else t, k, (2, 3)) for t in (pixel, latent))
             y = torch.rot90(_baseline_decoder(sd, p, z).clip(0, 1), -k, (2, 3))
             passes.append(torch.flip(y, (3,)) if flip else y)
-    return torch.stack(passes).median(dim=0).values
+    return SD.to_rgba(torch.stack(passes).median(dim=0).values)  # the file's A,R,G,B as ours: R,G,B,A
 
 
 def reference_decoder(sd: dict) -> torch.nn.Module:
@@ -166,7 +166,7 @@ def reference_decode(model: torch.nn.Module, pixel: torch.Tensor, latent: torch.
                 p, z = torch.flip(p, dims=(3,)), torch.flip(z, dims=(3,))
             y = torch.rot90(model(torch.rot90(p, k, (2, 3)), torch.rot90(z, k, (2, 3))).clip(0, 1), -k, (2, 3))
             passes.append(torch.flip(y, dims=(3,)) if flip else y)
-    return torch.stack(passes).median(dim=0).values
+    return SD.to_rgba(torch.stack(passes).median(dim=0).values)  # the file's A,R,G,B as ours: R,G,B,A
 
 
 def baseline_encode(sd: dict, feed: torch.Tensor) -> torch.Tensor:
