@@ -100,7 +100,7 @@ def _upscale(rgb: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int], upsc
     """RGBA resized to size = (height, width) by resampling, or by the upscale model and then
     resampling to the size asked for, as many images at once as the free memory holds."""
     if upscale_model is None:
-        resize_batch(rgb.shape, size, node)
+        resize_batch(rgb.shape, size, node)  # only the refusal: _resample goes image by image
         return _resample(rgb, alpha, size, upscale_method)
     _check_model(upscale_model)
     step = resize_batch(rgb.shape, size, node, upscale_model.scale)
