@@ -68,6 +68,15 @@ def apply_module(pack):
     return pack_module("nodes.apply")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def models_released_after_each_module():
+    """Every module in a host leaves no model behind for the next module, or for the servers started
+    later, to find the memory taken."""
+    yield
+    if "comfy.model_management" in sys.modules:
+        release_models()
+
+
 @pytest.fixture(scope="module")
 def sd15_model(pack):
     """The synthetic SD1.5 checkpoint's MODEL (float32 UNet on the CPU), as the goldens load it,

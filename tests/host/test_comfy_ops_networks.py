@@ -47,7 +47,7 @@ def test_decoder_from_comfy_layers_matches_torch_layers(narrow, kind, latent_cha
         assert torch.equal(comfy_net(pixel, latent), expected)
         executor.check_structure(comfy_net)  # the executor recognises the network...
         fast = executor.CpuExecutor(comfy_net)(pixel, latent)  # ...and computes the same from its weights
-    assert (fast - expected).abs().max() < 5e-6
+    assert (fast - expected).abs().max() < 2e-5  # float32 rounding in another order
 
 
 @pytest.mark.parametrize("latent_channels", [4, 16])

@@ -14,7 +14,7 @@ from PIL import Image
 from support.client import client_module
 from support.environment import find_comfyui, unavailable
 from support.live_queue import cached_nodes, idle_rss, open_websocket, queue, saved_pixels, wait_all
-from support.server import ComfyServer, ServerError, link_into, make_base, start
+from support.server import ComfyServer, ServerError, assert_success, link_into, make_base, start
 from support.synth import synthetic_file
 from support.workflow_runs import size_mismatch_prompt, tiny, write_inputs
 from support.workflows import load_api
@@ -89,11 +89,6 @@ def _start_server(tmp_path_factory, name: str) -> ComfyServer:
         pytest.fail(str(error))
 
 
-def _succeeded(entry: dict) -> dict:
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    return entry
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict:
     """What each prompt of this module saves when run alone on a server that sees no fault: the
@@ -101,7 +96,7 @@ def references(tmp_path_factory) -> dict:
     server = _start_server(tmp_path_factory, "fault_reference")
     try:
         runs = {"decode": decode_prompt(), **{name: mode_prompt(name) for name in MODES}}
-        yield {key: saved_pixels(server, _succeeded(server.run(prompt))) for key, prompt in runs.items()}
+        yield {key: saved_pixels(server, assert_success(server.run(prompt))) for key, prompt in runs.items()}
     finally:
         server.stop()
 
@@ -163,7 +158,7 @@ def test_an_interrupted_decode_stops_within_a_pass_and_leaves_nothing_behind(fau
     passes = [b - a for (a, _), (b, _) in zip(progress, progress[1:])]
     print(f"interrupt honoured {ended_at - interrupted_at:.2f}s after it was sent; passes took {passes}")
 
-    entry = _succeeded(faulted.run(decode_prompt()))
+    entry = assert_success(faulted.run(decode_prompt()))
     assert "decode" not in cached_nodes(entry)
     _assert_same_outputs(saved_pixels(faulted, entry), references["decode"], "the decode after an interrupt")
 
@@ -192,7 +187,7 @@ def test_failed_prompts_are_followed_by_a_prompt_with_the_fresh_output(faulted, 
     status, body = faulted.post("/prompt", {"prompt": bad_combo})
     assert status == 400 and body.get("node_errors"), body
 
-    entry = _succeeded(faulted.run(mode_prompt(AFTER_FAILURE, after_queue)))
+    entry = assert_success(faulted.run(mode_prompt(AFTER_FAILURE, after_queue)))
     _assert_same_outputs(saved_pixels(faulted, entry), references[AFTER_FAILURE], "the prompt after failures")
 
 
@@ -210,7 +205,7 @@ def test_a_full_queue_of_mixed_modes_matches_the_prompts_run_alone_without_growi
           f"{rss_first / 2**30:.2f} GiB, after {len(prompts)}: {rss_all / 2**30:.2f} GiB")
 
     for (name, variant), prompt, entry in zip(runs, prompts, entries):
-        _succeeded(entry)
+        assert_success(entry)
         samplers = {n for n, node in prompt.items() if node["class_type"] == "KSampler"}
         assert not samplers & cached_nodes(entry), f"{name} variant {variant} was served from the cache"
         _assert_same_outputs(saved_pixels(faulted, entry), references[name], f"{name} variant {variant}")

@@ -2,7 +2,6 @@
 validation, prompts that decode and encode and save RGBA PNGs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from PIL import Image
 
 from support.images import rgba_disc, save_rgba_png
-from support.server import link_into
+from support.server import assert_success, link_into
 from support.synth import synthetic_file
 from support.workflows import load_api
 
@@ -77,7 +76,7 @@ def test_flux_decode_and_encode_prompts_save_rgba_pngs(flux_server):
         "save_again": {"class_type": "SaveImage", "inputs": {"images": ["decode_again", 0], "filename_prefix": "flux_i2i"}},
     }
     entry = flux_server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     files = flux_server.output_files(entry, "save")
     assert len(files) == 2
     for path in files:

@@ -5,13 +5,12 @@ names and key names (every key of the full files is mapped onto the SDXL UNet in
 host/test_apply.py)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from support.environment import find_comfyui, unavailable
-from support.server import ComfyServer, ServerError, link_into, make_base, start
+from support.server import ComfyServer, ServerError, assert_success, link_into, make_base, start
 from support.synth import manifest, synthetic_file, synthweights
 from support.workflow_runs import assert_saved_as_expected, at_size, tiny, write_inputs
 from support.workflows import api_workflow_names, load_api, node_types, require_registered
@@ -71,7 +70,7 @@ def test_sdxl_api_workflow_runs_end_to_end(sdxl_server, name):
     prompt = load_api(name)
     require_registered(sdxl_server.get("/object_info"), node_types(prompt))
     entry = sdxl_server.run(tiny(prompt, CHECKPOINT), timeout_s=1200)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     assert_saved_as_expected(sdxl_server, prompt, entry)
 
 
@@ -80,5 +79,5 @@ def test_sdxl_api_workflow_runs_at_a_changed_size(sdxl_server, name):
     """The size changed in its one place (or the input images') is the size of every output."""
     prompt = at_size(tiny(load_api(name), CHECKPOINT), CHANGED_SIZE)
     entry = sdxl_server.run(prompt, timeout_s=1200)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     assert_saved_as_expected(sdxl_server, prompt, entry, made_at=CHANGED_SIZE)

@@ -2,13 +2,13 @@
 and encode and save RGBA PNGs, errors that stay execution errors, a shipped workflow."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import torch
 from PIL import Image
 
 from support.images import rgba_disc, save_rgba_png
+from support.server import assert_success
 from support.workflow_runs import size_mismatch_prompt
 from support.workflows import load_api
 
@@ -57,7 +57,7 @@ def test_decode_prompts_save_pngs_with_alpha(comfy_server):
         "save_preview": {"class_type": "SaveImage", "inputs": {"images": ["preview", 0], "filename_prefix": "preview"}},
     }
     entry = comfy_server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     _assert_rgba_pngs(comfy_server, entry, "save_rgba", (200, 120), 2)
     _assert_rgba_pngs(comfy_server, entry, "save_joined", (200, 120), 2)
     _assert_rgba_pngs(comfy_server, entry, "save_split", (200, 120), 1)
@@ -88,7 +88,7 @@ def test_encode_prompt_round_trips_an_rgba_png(comfy_server):
         "save": {"class_type": "SaveImage", "inputs": {"images": ["rgba", 0], "filename_prefix": "roundtrip"}},
     }
     entry = comfy_server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     _assert_rgba_pngs(comfy_server, entry, "save", (96, 64), 1)
 
 
@@ -108,7 +108,7 @@ def test_shipped_api_workflow_runs(comfy_server):
     prompt["4"]["inputs"].update(width=64, height=64)
     prompt["5"]["inputs"]["steps"] = 2
     entry = comfy_server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     _assert_rgba_pngs(comfy_server, entry, "8", (64, 64), 1)
 
 
@@ -126,7 +126,7 @@ def test_encode_through_the_server_is_the_reference_latent(comfy_server, comfyui
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["encode", 0], "filename_prefix": "encoded"}},
     }
     entry = comfy_server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     (saved,) = entry["outputs"]["save"]["latents"]
     latent = load_file(str(comfy_server.base / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
 

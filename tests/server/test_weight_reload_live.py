@@ -2,7 +2,6 @@
 the new file, exactly as a server started with the new file does."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from PIL import Image
 
 from support.environment import find_comfyui, unavailable
 from support.images import rgba_disc, save_rgba_png
-from support.server import ComfyServer, ServerError, link_into, make_base, start
+from support.server import ComfyServer, ServerError, assert_success, link_into, make_base, start
 from support.synth import synthetic_file
 
 DECODER = "layer_sd15_vae_transparent_decoder"
@@ -43,7 +42,7 @@ def _base(root: Path, decoder_seed: int) -> Path:
 
 def _decoded(server: ComfyServer) -> np.ndarray:
     entry = server.run(PROMPT)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     (path,) = server.output_files(entry, "save")
     with Image.open(path) as png:
         return np.asarray(png).copy()

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from support.paths import PACK_ROOT
-from support.server import link_into
+from support.server import assert_success, link_into
 from support.synth import synthetic_file
 from support.upscale_models import write_compact_model
 from support.workflow_runs import UPSCALE_MODEL, assert_saved_as_expected, at_size, tiny, write_inputs
@@ -205,7 +205,7 @@ def test_sd15_api_workflow_runs_end_to_end(comfy_server, object_info, sd15_workf
     prompt = load_api(name)
     require_registered(object_info, node_types(prompt))
     entry = comfy_server.run(tiny(prompt, "sd15_synthetic.safetensors"))
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     assert_saved_as_expected(comfy_server, prompt, entry)
 
 
@@ -219,7 +219,7 @@ def test_tool_api_workflow_runs_end_to_end(comfy_server, object_info, sd15_workf
     prompt = load_api(name)
     require_registered(object_info, node_types(prompt))
     entry = comfy_server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     assert_saved_as_expected(comfy_server, prompt, entry)
 
 
@@ -232,7 +232,7 @@ def test_api_workflow_runs_at_a_changed_size(comfy_server, object_info, sd15_wor
         prompt = tiny(prompt, "sd15_synthetic.safetensors")
     prompt = at_size(prompt, CHANGED_SIZE)
     entry = comfy_server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    assert_success(entry)
     assert_saved_as_expected(comfy_server, prompt, entry, made_at=CHANGED_SIZE)
 
 

@@ -69,6 +69,18 @@ class ComfyServer:
             self.process.kill()
 
 
+def assert_success(entry: dict) -> dict:
+    """`entry` (a /history entry) finished without error; else fail with the node, the exception and
+    the end of its traceback first, where a long status would be cut off."""
+    status = entry["status"]
+    if status["status_str"] != "success":
+        errors = [message for kind, message in status["messages"] if kind == "execution_error"]
+        detail = "; ".join(f"node {e.get('node_id')} ({e.get('node_type')}): {e.get('exception_type')}: "
+                           f"{e.get('exception_message')} | {''.join(e.get('traceback', [])[-3:])}" for e in errors)
+        raise AssertionError(f"prompt {status['status_str']}: {detail or json.dumps(status)[:3000]}")
+    return entry
+
+
 def make_base(base: Path) -> Path:
     """A ComfyUI base directory (--base-directory) with the pack linked into its custom_nodes."""
     for sub in BASE_FOLDERS:
