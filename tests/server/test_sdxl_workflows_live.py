@@ -5,7 +5,6 @@ names and key names (every key of the full files is mapped onto the SDXL UNet in
 host/test_apply.py)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

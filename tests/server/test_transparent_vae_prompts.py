@@ -2,7 +2,6 @@
 and encode and save RGBA PNGs, errors that stay execution errors, a shipped workflow."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from PIL import Image
