@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
+from .client import client_module
 from .net import free_port
 from .paths import PACK_ROOT
 
@@ -70,14 +71,10 @@ class ComfyServer:
 
 
 def assert_success(entry: dict) -> dict:
-    """`entry` (a /history entry) finished without error; else fail with the node, the exception and
-    the end of its traceback first, where a long status would be cut off."""
-    status = entry["status"]
-    if status["status_str"] != "success":
-        errors = [message for kind, message in status["messages"] if kind == "execution_error"]
-        detail = "; ".join(f"node {e.get('node_id')} ({e.get('node_type')}): {e.get('exception_type')}: "
-                           f"{e.get('exception_message')} | {''.join(e.get('traceback', [])[-3:])}" for e in errors)
-        raise AssertionError(f"prompt {status['status_str']}: {detail or json.dumps(status)[:3000]}")
+    """`entry` (a /history entry) finished without error; else fail with what the client tells its
+    users: the node and its exception, not cut off as a whole status can be."""
+    if entry["status"]["status_str"] != "success":
+        raise AssertionError(client_module().describe_failure(entry))
     return entry
 
 
