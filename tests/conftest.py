@@ -70,8 +70,9 @@ def apply_module(pack):
 
 @pytest.fixture(scope="module", autouse=True)
 def models_released_after_each_module():
-    """Every module in a host leaves no model behind for the next module, or for the servers started
-    later, to find the memory taken."""
+    """After each module: ComfyUI's models released and their memory given back to the system, for
+    the next module's models and for the servers that later tests start. Runs after the module's
+    own fixtures have dropped their models (autouse fixtures are set up first)."""
     yield
     if "comfy.model_management" in sys.modules:
         release_models()
@@ -82,10 +83,7 @@ def sd15_model(pack):
     """The synthetic SD1.5 checkpoint's MODEL (float32 UNet on the CPU), as the goldens load it,
     in a host with the pack loaded. Per module, so that the memory is back before the next
     module's models load."""
-    model = load_sd15_model(synthetic_file("sd15_checkpoint"))
-    yield model
-    del model
-    release_models()
+    return load_sd15_model(synthetic_file("sd15_checkpoint"))
 
 
 @pytest.fixture(scope="session")

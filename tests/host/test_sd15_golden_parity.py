@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.sd_models import SD15_GOLDENS, golden_patch, load_sd15_model, release_models, replay_apply_model, sample_once
+from support.sd_models import SD15_GOLDENS, golden_patch, load_sd15_model, replay_apply_model, sample_once
 from support.synth import golden, synthetic_file
 
 ATOL = 1e-4  # float32, the testkit's tolerance; the reference moves 2e-5 when its batch is split
@@ -28,10 +28,7 @@ def test_golden_parity(sd15_model, stem):
 def sd15_model_fp16_weights(pack):
     """The checkpoint loaded with float16 UNet weights: on the CPU ComfyUI computes in float32
     from them ("manual cast"), the path GPUs without fast fp16 take."""
-    model = load_sd15_model(synthetic_file("sd15_checkpoint"), dtype=torch.float16)
-    yield model
-    del model
-    release_models()
+    return load_sd15_model(synthetic_file("sd15_checkpoint"), dtype=torch.float16)
 
 
 def test_golden_parity_with_float16_weights(sd15_model_fp16_weights):

@@ -43,10 +43,7 @@ def sdxl_tiny(comfyui_path):
     release_models()
     if _mem_available_gib() < 8:
         unavailable(f"the SDXL UNet needs ~6 GiB plus 2 GiB headroom; {_mem_available_gib():.1f} GiB available")
-    patcher = sdxl_model(torch.bfloat16, meta=False)
-    yield patcher
-    del patcher
-    release_models()
+    return sdxl_model(torch.bfloat16, meta=False)
 
 
 @pytest.fixture(scope="module")
