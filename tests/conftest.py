@@ -92,10 +92,11 @@ def server_models(tmp_path_factory) -> Path:
     return make_base(tmp_path_factory.mktemp("comfy_base"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def comfy_server(server_models: Path) -> ComfyServer:
     """A live ComfyUI (--cpu) with this pack, a synthetic SD1.5 checkpoint and synthetic
-    transparent VAE files for SD15 and SDXL."""
+    transparent VAE files for SD15 and SDXL. One per module: a server holds its models for as long
+    as it runs, and the modules that start servers of their own need that memory."""
     comfy, reason = find_comfyui()
     if comfy is None:
         unavailable(reason)
